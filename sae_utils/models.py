@@ -1,0 +1,227 @@
+"""Load a Stable Diffusion pipeline: a real checkpoint, the random `tiny` one, or the project's `toy` model.
+
+All three are plain diffusers `StableDiffusionPipeline`s, so every other module of `sae_utils` runs the
+same code on each of them:
+
+    pipe = load_pipeline("tiny")                              # random weights, SD v1 layout, offline, CPU
+    pipe = load_pipeline("toy")                               # the project's trained model of a shape world
+    pipe = load_pipeline("CompVis/stable-diffusion-v1-4", device="cuda")   # the real thing (needs internet)
+"""
+from __future__ import annotations
+
+import gzip
+import importlib
+import importlib.util
+import os
+import socket
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
+TOY_MODEL_DIR = Path(__file__).parent / "toyworld" / "model"
+CLIP_VOCAB_SIZE = 49408
+MAX_TOKENS = 77  # the CLIP text encoder reads 77 tokens: start, 75 words' tokens, end (or padding)
+
+# The UNet of Stable Diffusion v1.x (CompVis/stable-diffusion-v1-4, unet/config.json). Used to build the
+# architecture with random weights (benchmarks, tests) and to fingerprint checkpoints.
+SD_V1_UNET_CONFIG = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    norm_num_groups=32, act_fn="silu", flip_sin_to_cos=True, freq_shift=0, downsample_padding=1,
+)
+# SD v1's sampler, as shipped with the checkpoint (scheduler/scheduler_config.json).
+SD_V1_SCHEDULER_CONFIG = dict(
+    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+    skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False,
+)
+
+
+class ModelNotAvailableError(RuntimeError):
+    """The requested weights cannot be loaded here (no internet, no local copy, missing file)."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The tokenizer
+# ----------------------------------------------------------------------------------------------------------
+@lru_cache(maxsize=1)
+def clip_tokenizer() -> CLIPTokenizer:
+    """The CLIP BPE tokenizer of Stable Diffusion v1 (49408 tokens), built offline.
+
+    Built from the BPE merges file that the `open-clip-torch` wheel ships, so no download is needed. The
+    package is only read, never imported (importing it needs torchvision); install it with
+    `pip install --no-deps open-clip-torch`.
+    """
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotAvailableError(
+            "The offline CLIP tokenizer needs the BPE file shipped by open-clip-torch. Install it without its "
+            "dependencies (they pull torchvision): pip install --no-deps open-clip-torch")
+    bpe_path = Path(spec.submodule_search_locations[0]) / "bpe_simple_vocab_16e6.txt.gz"
+    lines = gzip.open(bpe_path).read().decode("utf-8").split("\n")
+    merges = [tuple(line.split()) for line in lines[1:49152 - 256 - 2 + 1]]  # the 48894 merges CLIP uses
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    byte_symbols = list(bytes_to_unicode().values())
+    vocab = byte_symbols + [s + "</w>" for s in byte_symbols] + ["".join(m) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    tokenizer = CLIPTokenizer(vocab={s: i for i, s in enumerate(vocab)}, merges=merges,
+                              model_max_length=MAX_TOKENS)
+    check_tokenizer(tokenizer, where=str(bpe_path))
+    return tokenizer
+
+
+def check_tokenizer(tokenizer, where: str = "") -> None:
+    """Fail loudly on a wrong tokenizer (e.g. transformers' silent 2-token fallback for a missing folder)."""
+    if len(tokenizer) != CLIP_VOCAB_SIZE or tokenizer("a cat").input_ids != [49406, 320, 2368, 49407]:
+        raise ModelNotAvailableError(
+            f"The tokenizer loaded from {where or 'the pipeline'} is not the CLIP tokenizer of Stable Diffusion "
+            f"v1 ({len(tokenizer)} tokens, expected {CLIP_VOCAB_SIZE}). Check that the folder holds "
+            "tokenizer files, or use sae_utils.models.clip_tokenizer().")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The `tiny` pipeline: SD v1's layout with random weights
+# ----------------------------------------------------------------------------------------------------------
+def tiny_pipeline(seed: int = 0) -> StableDiffusionPipeline:
+    """A random-weight `StableDiffusionPipeline` with the Stable Diffusion v1 layout, built offline.
+
+    Same block types, same processors, same tokenizer as SD v1, at a fraction of the width: 4 UNet levels
+    (cross-attention in the first three and the mid block, as in SD), a 32x32 latent so that cross-attention
+    runs at 32x32, 16x16, 8x8 and 4x4, a 2-level autoencoder (64 px images) and a 2-layer CLIP text encoder. Its images are noise;
+    it exists for tests and fast CI. Deterministic: the same `seed` gives the same weights, and the
+    caller's global random state is left untouched.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(**{
+            **SD_V1_UNET_CONFIG, "sample_size": 32, "layers_per_block": 1,
+            "block_out_channels": (32, 32, 64, 64), "cross_attention_dim": 32, "norm_num_groups": 8})
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+            norm_num_groups=8, sample_size=64)
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=CLIP_VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=2, max_position_embeddings=MAX_TOKENS, projection_dim=32,
+            bos_token_id=49406, eos_token_id=49407, pad_token_id=49407))
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(), unet=unet,
+        scheduler=PNDMScheduler(**SD_V1_SCHEDULER_CONFIG), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False)
+
+
+def sd_v1_unet(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0,
+               ) -> UNet2DConditionModel:
+    """The UNet of Stable Diffusion v1 (860 M parameters) with random weights: the real architecture,
+    for benchmarks and memory checks where the checkpoint cannot be downloaded."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return UNet2DConditionModel(**SD_V1_UNET_CONFIG).to(device=device, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------------------
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """`"auto"` picks CUDA, then Apple's MPS, then the CPU."""
+    if str(device) != "auto":
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """`None`/`"auto"`: float16 on a GPU (what fits a 15 GB T4), float32 on the CPU."""
+    if dtype in (None, "auto"):
+        return torch.float16 if device.type in ("cuda", "mps") else torch.float32
+    if isinstance(dtype, str):
+        names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+                 "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+        if dtype not in names:
+            raise ValueError(f"Unknown dtype {dtype!r}; use one of {sorted(names)} or a torch.dtype.")
+        return names[dtype]
+    return dtype
+
+
+def load_pipeline(model: str | os.PathLike = DEFAULT_MODEL, device: str | torch.device = "auto",
+                  dtype: str | torch.dtype | None = None, safety_checker: bool = True,
+                  progress_bar: bool = False) -> StableDiffusionPipeline:
+    """A `StableDiffusionPipeline` from a name: `"tiny"`, `"toy"`, a local folder, or a hub id.
+
+    device: `"auto"` (CUDA, MPS, else CPU) or any torch device. dtype: `None` = float16 on a GPU, float32 on
+    the CPU. safety_checker: keep the checkpoint's NSFW filter (a real checkpoint only). A hub id that is
+    neither cached nor reachable raises `ModelNotAvailableError` at once instead of retrying for minutes.
+    """
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
+    name = str(model)
+    if name == "tiny":
+        pipe = tiny_pipeline()
+    elif name == "toy":
+        if not (TOY_MODEL_DIR / "model_index.json").exists():
+            raise ModelNotAvailableError(
+                f"The toy model is not in this checkout ({TOY_MODEL_DIR}). Train it with "
+                "`python -m sae_utils.toyworld.train_model`, or use model='tiny'.")
+        pipe = _from_pretrained(TOY_MODEL_DIR, dtype, safety_checker=False, local_files_only=True)
+    elif Path(name).expanduser().is_dir():
+        pipe = _from_pretrained(Path(name).expanduser(), dtype, safety_checker, local_files_only=True)
+    elif Path(name).suffix in (".ckpt", ".safetensors"):
+        raise ModelNotAvailableError(
+            f"{name!r} looks like a single checkpoint file; sae_utils loads diffusers folders. Convert it with "
+            "StableDiffusionPipeline.from_single_file(...).save_pretrained(folder) and pass the folder.")
+    else:
+        pipe = _from_hub(name, dtype, safety_checker)
+    check_tokenizer(pipe.tokenizer, where=name)
+    pipe.set_progress_bar_config(disable=not progress_bar)
+    pipe.to(device)
+    if pipe.unet.dtype != dtype:  # casting a float32 model to float32 only earns a diffusers warning
+        pipe.to(dtype=dtype)
+    return pipe
+
+
+def _from_hub(repo_id: str, dtype: torch.dtype, safety_checker: bool) -> StableDiffusionPipeline:
+    """Cached copy first; then the network, but only if the hub answers within a few seconds."""
+    try:
+        return _from_pretrained(repo_id, dtype, safety_checker, local_files_only=True)
+    except (OSError, ValueError):
+        pass  # not in the local cache
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    if offline or not _hub_reachable():
+        why = "HF_HUB_OFFLINE is set" if offline else "huggingface.co cannot be reached from this machine"
+        raise ModelNotAvailableError(
+            f"Cannot load {repo_id!r}: it is not in the local Hugging Face cache and {why}. Download it on a "
+            "machine with internet (huggingface-cli download ...) and pass the local folder, or use "
+            "model='toy' (the project's own trained model) or model='tiny' (random weights, for tests).")
+    return _from_pretrained(repo_id, dtype, safety_checker, local_files_only=False)
+
+
+def _from_pretrained(source, dtype, safety_checker, local_files_only) -> StableDiffusionPipeline:
+    kwargs = {} if safety_checker else dict(safety_checker=None, requires_safety_checker=False)
+    # diffusers renamed torch_dtype to dtype in 2026 (PR 14205); Colab images may carry an older release
+    kwargs["dtype" if _diffusers_takes_dtype() else "torch_dtype"] = dtype
+    return StableDiffusionPipeline.from_pretrained(source, local_files_only=local_files_only, **kwargs)
+
+
+def _diffusers_takes_dtype() -> bool:
+    return importlib.util.find_spec("diffusers.utils.deprecation_utils") is not None and hasattr(
+        importlib.import_module("diffusers.utils.deprecation_utils"), "_resolve_dtype")
+
+
+def _hub_reachable(host: str = "huggingface.co", timeout_s: float = 3.0) -> bool:
+    endpoint = os.environ.get("HF_ENDPOINT", "")
+    if endpoint:
+        host = endpoint.split("://")[-1].split("/")[0].split(":")[0]
+    try:
+        socket.create_connection((host, 443), timeout=timeout_s).close()
+        return True
+    except OSError:
+        return False
