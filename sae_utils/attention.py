@@ -29,6 +29,11 @@ from .tokens import WordSpec, word_token_positions
 Keep = Literal["mean", "steps", "last"]
 
 
+class CaptureComplete(Exception):
+    """Raised by a store with `stop_when_complete` once every captured layer has recorded: the rest of the
+    UNet forward is not needed by the losses. `forward_until_captured` catches it."""
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Which layers
 # ----------------------------------------------------------------------------------------------------------
@@ -127,7 +132,7 @@ class AttentionStore:
     """
 
     def __init__(self, layers: dict[str, int], keep: Keep = "mean", heads: str = "mean", cfg="auto",
-                 pipeline=None, tokenizer=None):
+                 pipeline=None, tokenizer=None, stop_when_complete: bool = False):
         if keep not in ("mean", "steps", "last"):
             raise ValueError(f"keep={keep!r}: use 'mean' (average over steps), 'steps' (each step) or 'last'.")
         if heads not in ("mean", "all"):
@@ -138,6 +143,7 @@ class AttentionStore:
         self.keep, self.heads, self.cfg = keep, heads, cfg
         self.pipeline = pipeline
         self.tokenizer = tokenizer if tokenizer is not None else getattr(pipeline, "tokenizer", None)
+        self.stop_when_complete = stop_when_complete
         self.reset()
 
     def reset(self) -> None:
@@ -145,6 +151,7 @@ class AttentionStore:
         self.num_steps = 0
         self.latent_hw: tuple[int, int] | None = None
         self._conditional_half = False
+        self._recorded: set[str] = set()
         self._sum: dict[str, torch.Tensor] = {}
         self._steps: dict[str, list[torch.Tensor]] = {name: [] for name in self.layers}
 
@@ -152,6 +159,7 @@ class AttentionStore:
     def begin_step(self, sample: torch.Tensor) -> None:
         """Called before every UNet forward: one call is one step."""
         self.num_steps += 1
+        self._recorded = set()
         self.latent_hw = tuple(sample.shape[-2:])
         self._conditional_half = self._is_cfg_call(sample) if self.cfg == "auto" else bool(self.cfg)
 
@@ -164,6 +172,9 @@ class AttentionStore:
 
     def record(self, layer: str, probs: torch.Tensor) -> None:
         """probs: (B, heads, L, T) attention probabilities of one layer for one UNet call."""
+        if layer in self._recorded:
+            return  # a layer runs once per UNet call: a second call is gradient checkpointing's recomputation
+        self._recorded.add(layer)
         if self._conditional_half:
             probs = probs[probs.shape[0] // 2:]
         if self.heads == "mean":
@@ -176,6 +187,8 @@ class AttentionStore:
             self._sum[layer] = probs
         else:
             self._sum[layer] = self._sum[layer] + probs
+        if self.stop_when_complete and len(self._recorded) == len(self.layers):
+            raise CaptureComplete
 
     # -- reading ---------------------------------------------------------------------------------------------
     def layer_maps(self, layer: str, step: int | None = None) -> torch.Tensor:
@@ -256,15 +269,30 @@ class AttentionStore:
 # ----------------------------------------------------------------------------------------------------------
 # The context manager
 # ----------------------------------------------------------------------------------------------------------
+def forward_until_captured(unet, *args, **kwargs):
+    """Call the UNet; with a `stop_when_complete` capture installed, return None once the maps are in.
+
+    Training on the maps alone does not need the UNet's output: for SD v1 the last 16x16 layer is in
+    up_blocks.1, so the two highest-resolution up blocks are skipped.
+    """
+    try:
+        return unet(*args, **kwargs)
+    except CaptureComplete:
+        return None
+
+
 @contextmanager
 def capture_cross_attention(model, resolution: int | None = 16, layers: Sequence[str] | None = None,
                             keep: Keep = "mean", heads: str = "mean", cfg="auto",
-                            latent_size: int | None = None) -> Iterator[AttentionStore]:
+                            latent_size: int | None = None,
+                            stop_when_complete: bool = False) -> Iterator[AttentionStore]:
     """Install capture processors on some cross-attention layers of a pipeline's (or a bare) UNet.
 
     model: a `StableDiffusionPipeline` (its tokenizer and guidance setting are used) or a `UNet2DConditionModel`.
     resolution: capture the layers whose maps are resolution x resolution for a latent of `latent_size`
         (default the UNet's sample_size); ignored when `layers` names the layers explicitly.
+    stop_when_complete: training only; stop the UNet forward once every captured layer has recorded (call
+        the UNet through `forward_until_captured`).
     Yields the `AttentionStore`. On exit the previous processors are restored and the hook removed.
     """
     unet = getattr(model, "unet", model)
@@ -278,7 +306,7 @@ def capture_cross_attention(model, resolution: int | None = 16, layers: Sequence
     if unknown:
         raise ValueError(f"Not cross-attention layers of this UNet: {unknown}. They are: {list(all_layers)}")
     store = AttentionStore({name: all_layers[name] for name in layers}, keep=keep, heads=heads, cfg=cfg,
-                           pipeline=pipeline)
+                           pipeline=pipeline, stop_when_complete=stop_when_complete)
     previous = unet.attn_processors
     processors = dict(previous)
     for name in layers:
