@@ -10,6 +10,7 @@ same code on each of them:
 from __future__ import annotations
 
 import gzip
+import json
 import importlib
 import importlib.util
 import os
@@ -186,6 +187,14 @@ def load_pipeline(model: str | os.PathLike = DEFAULT_MODEL, device: str | torch.
     if pipe.unet.dtype != dtype:  # casting a float32 model to float32 only earns a diffusers warning
         pipe.to(dtype=dtype)
     return pipe
+
+
+def model_info(pipe) -> dict:
+    """What a model folder says about itself in `toy_model.json` (vocabulary, sampler defaults, provenance);
+    {} for models without one (real checkpoints, `tiny`)."""
+    folder = getattr(pipe, "name_or_path", None) or pipe.config.get("_name_or_path") or ""
+    path = Path(folder) / "toy_model.json"
+    return json.loads(path.read_text()) if folder and path.is_file() else {}
 
 
 def _from_hub(repo_id: str, dtype: torch.dtype, safety_checker: bool) -> StableDiffusionPipeline:

@@ -1,0 +1,500 @@
+"""Finetune the cross-attention keys of a diffusion model with the Separate and Enhance losses. No images.
+
+    config = FinetuneConfig(model="toy", pairs=[("star", "heart")], steps=200)
+    finetuner = Finetuner(config)          # loads the pipeline, freezes everything but attn2.to_k
+    result = finetuner.train()             # tqdm progress; checkpoints, history and validation images on disk
+    result.delta                           # the trained tensors + metadata (see sae_utils.delta)
+
+One step (data-free, as in the reference code): random latents (N(0, 1) times the autoencoder's scaling
+factor), a random timestep, noise; the UNet runs on "a photo of a {a} and a {b}"; the 16x16 cross-attention
+maps of the two words give `sepen_loss`; gradients reach only the trainable tensors; AdamW with clipping.
+
+Every sample of a step is a pure function of (seed, step, its index in the global batch), and gradients are
+averaged over processes explicitly, so one process, N processes (`accelerate launch`) and a resumed run all
+compute the same update.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from . import delta as deltas
+from .attention import capture_cross_attention, forward_until_captured
+from .maps import gather_word_maps
+from .checkpoint import load_checkpoint, optimizer_from_tensors, optimizer_to_tensors, save_checkpoint
+from .losses import sepen_loss_terms
+from .models import DEFAULT_MODEL, load_pipeline, model_info
+from .prompts import PRIOR_TEMPLATE, TRAIN_TEMPLATE, PairPrompt, PairSampler, prior_prompt
+from .tokens import check_prompt_length, word_token_positions
+
+
+@dataclass
+class FinetuneConfig:
+    """Everything a SepEn finetuning run depends on. Defaults follow the reference code (sepen-facts.md)."""
+
+    # what to learn
+    model: str = DEFAULT_MODEL
+    pairs: list[tuple[str, str]] | None = None  # single-pair training, e.g. [("cat", "dog")]
+    concepts: list[str] | None = None  # multi-concept training: random pairs of these
+    template: str = TRAIN_TEMPLATE
+    connectors: tuple[str, ...] = ("and",)
+    shuffle_order: bool = False  # draw both orders of a pair
+    trainable: str = "k"  # "k" (the method), "kv" or "v" (ablations); see sae_utils.delta
+    layers: list[str] | None = None  # restrict training to these cross-attention layers
+    # the losses
+    lambda_sep: float = 1.0
+    lambda_en: float = 0.5
+    kernel_reading: str = "reference"
+    map_resolution: int = 16  # the cross-attention maps the losses read
+    norm_loss_weight: float = 0.0  # prior preservation; the reference uses 0.5 for multi-concept training
+    prior_template: str = PRIOR_TEMPLATE
+    # optimisation
+    steps: int = 200
+    batch_size: int = 4  # per process
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 2e-6  # per sample of the global batch (scale_lr), as in the reference
+    scale_lr: bool = True
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_weight_decay: float = 1e-2
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    timestep_range: tuple[int, int] = (0, 1000)
+    image_size: int | None = None  # pixels; None = the model's own (512 for SD v1)
+    # machinery
+    mixed_precision: str = "auto"  # "no", "fp16", "bf16"; "auto" = bf16 if the GPU has it, else fp16; CPU: "no"
+    gradient_checkpointing: bool = False
+    early_exit: bool = True  # stop each UNet forward after the last captured layer
+    seed: int = 0
+    device: str = "auto"
+    output_dir: str | None = None  # checkpoints, history, validation images, the delta
+    checkpoint_every: int = 50
+    validate_every: int = 0  # 0: only before and after
+    validation_prompts: list[str] | None = None  # default: up to 4 training prompts
+    validation_seeds: tuple[int, ...] = (0, 1)
+    validation_inference_steps: int | None = None  # None: the model's sampler default
+    extra: dict = field(default_factory=dict)  # free-form notes saved with the delta
+
+    def validate(self) -> None:
+        """Raise on settings that cannot work, naming the setting and a fix."""
+        if (self.pairs is None) == (self.concepts is None):
+            raise ValueError("Give either `pairs` (e.g. [('cat', 'dog')]) or `concepts` (multi-concept training).")
+        positive = {"steps": self.steps, "batch_size": self.batch_size, "learning_rate": self.learning_rate,
+                    "gradient_accumulation_steps": self.gradient_accumulation_steps}
+        for name, value in positive.items():
+            if not value > 0:
+                raise ValueError(f"{name} must be > 0, got {value}.")
+        if self.lambda_sep < 0 or self.lambda_en < 0 or self.lambda_sep + self.lambda_en == 0:
+            raise ValueError(f"lambda_sep={self.lambda_sep}, lambda_en={self.lambda_en}: use weights >= 0, not both 0.")
+        if self.mixed_precision not in ("auto", "no", "fp16", "bf16"):
+            raise ValueError(f"mixed_precision={self.mixed_precision!r}: use 'auto', 'no', 'fp16' or 'bf16'.")
+        low, high = self.timestep_range
+        if not 0 <= low < high <= 1000:
+            raise ValueError(f"timestep_range={self.timestep_range}: need 0 <= low < high <= 1000.")
+        if self.norm_loss_weight < 0:
+            raise ValueError(f"norm_loss_weight must be >= 0, got {self.norm_loss_weight}.")
+
+    def to_json(self) -> dict:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+@dataclass
+class FinetuneResult:
+    delta: "deltas.Delta"
+    history: list[dict]
+    output_dir: Path | None
+
+
+# The settings a resumed run must share with its checkpoint (the rest, e.g. steps, may change).
+FIXED_ON_RESUME = ("model", "pairs", "concepts", "template", "connectors", "shuffle_order", "trainable", "layers",
+                   "lambda_sep", "lambda_en", "kernel_reading", "map_resolution", "norm_loss_weight",
+                   "prior_template", "batch_size", "gradient_accumulation_steps", "learning_rate", "scale_lr",
+                   "adam_betas", "adam_weight_decay", "adam_epsilon", "max_grad_norm", "timestep_range",
+                   "image_size", "seed")
+
+
+class Finetuner:
+    """A SepEn finetuning run: set-up, the step, the loop, checkpoints, validation and the delta."""
+
+    def __init__(self, config: FinetuneConfig, pipeline=None, resume: bool = True):
+        from accelerate import PartialState
+
+        config.validate()
+        self.config = config
+        self.state = PartialState(cpu=config.device == "cpu" or not torch.cuda.is_available())
+        device = self.state.device if config.device in ("auto", "cuda") else torch.device(config.device)
+        self.precision = _resolve_precision(config.mixed_precision, device)
+        self.weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[self.precision]
+        self.pipe = pipeline if pipeline is not None else load_pipeline(config.model, device=device,
+                                                                         dtype=self.weight_dtype)
+        self.pipe.to(device)
+        self.device, self.unet = device, self.pipe.unet
+        self.sampler = PairSampler(pairs=config.pairs, concepts=config.concepts, template=config.template,
+                                   connectors=config.connectors, shuffle_order=config.shuffle_order)
+        self._check_words()
+        self.noise_scheduler = _training_scheduler(self.pipe)
+        self.latent_size = (config.image_size or self.unet.config.sample_size * self.pipe.vae_scale_factor) \
+            // self.pipe.vae_scale_factor
+
+        # Freeze everything; the trainable tensors live in float32 (fp16 master weights cannot be unscaled).
+        self.pipe.unet.requires_grad_(False)
+        self.pipe.text_encoder.requires_grad_(False)
+        self.pipe.vae.requires_grad_(False)
+        self.trainable_names = deltas.trainable_parameter_names(self.unet, config.trainable, config.layers)
+        self.parameters = [self.unet.get_parameter(name) for name in self.trainable_names]
+        for p in self.parameters:
+            p.data = p.data.float()
+            p.requires_grad_(True)
+        self.originals = [p.detach().clone() for p in self.parameters]  # for the norm loss and for undo
+        if config.gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+            self.unet.train()  # diffusers checkpoints only in training mode; the UNet has no dropout
+
+        self.global_batch = config.batch_size * self.state.num_processes * config.gradient_accumulation_steps
+        self.learning_rate = config.learning_rate * (self.global_batch if config.scale_lr else 1)
+        self.optimizer = torch.optim.AdamW(self.parameters, lr=self.learning_rate, betas=config.adam_betas,
+                                           weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
+        self.step, self.seconds, self.history = 0, 0.0, []
+        self._text_cache: dict[str, torch.Tensor] = {}
+        self._store = None
+        self.output_dir = Path(config.output_dir) if config.output_dir else None
+        if resume and self.output_dir and (self.output_dir / "checkpoint").exists():
+            self._load_checkpoint()
+
+    # -- inputs ----------------------------------------------------------------------------------------------
+    def _check_words(self) -> None:
+        vocabulary = model_info(self.pipe).get("vocabulary")
+        words = self.sampler.words
+        if vocabulary:
+            unknown = [w for w in words if w not in vocabulary]
+            if unknown:
+                raise ValueError(f"Unknown concept word(s) {unknown} for this model; it knows: "
+                                 f"{', '.join(sorted(vocabulary))}.")
+        prompts = self.sampler.all_prompts() if self.sampler.pairs is not None else \
+            [self.sampler.sample(self.config.seed, 0, i) for i in range(min(64, len(words) ** 2))]
+        for p in prompts:
+            check_prompt_length(self.pipe.tokenizer, p.prompt)
+            word_token_positions(self.pipe.tokenizer, p.prompt, list(p.words))
+
+    def text_embeddings(self, prompts: Sequence[str]) -> torch.Tensor:
+        """(B, 77, D) from the frozen text encoder, cached per prompt."""
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._text_cache]
+        if missing:
+            ids = self.pipe.tokenizer(missing, padding="max_length", max_length=self.pipe.tokenizer.model_max_length,
+                                      truncation=True, return_tensors="pt").input_ids.to(self.device)
+            with torch.no_grad():
+                embeddings = self.pipe.text_encoder(ids)[0].to(self.weight_dtype)
+            if len(self._text_cache) + len(missing) > 8192:
+                self._text_cache.clear()
+            self._text_cache.update(zip(missing, embeddings))
+        return torch.stack([self._text_cache[p] for p in prompts])
+
+    def random_inputs(self, step: int, start: int, size: int, stream: int = 0):
+        """Latents, noise and timesteps of samples start..start+size-1 of the global batch of `step`."""
+        shape = (4, self.latent_size, self.latent_size)
+        latents, noise, timesteps = [], [], []
+        low, high = self.config.timestep_range
+        for index in range(start, start + size):
+            g = torch.Generator().manual_seed(_sample_seed(self.config.seed, step, index, stream))
+            latents.append(torch.randn(shape, generator=g) * self.pipe.vae.config.scaling_factor)
+            noise.append(torch.randn(shape, generator=g))
+            timesteps.append(torch.randint(low, high, (1,), generator=g))
+        latents, noise = torch.stack(latents), torch.stack(noise)
+        timesteps = torch.cat(timesteps)
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        return noisy.to(self.device, self.weight_dtype), timesteps.to(self.device)
+
+    # -- the step --------------------------------------------------------------------------------------------
+    def autocast(self):
+        if self.precision == "no":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.weight_dtype)
+
+    @contextlib.contextmanager
+    def capturing(self):
+        """Capture processors on the map layers, kept for forward and backward alike: with gradient
+        checkpointing, backward recomputes the layers and must meet the same processors. Re-entrant."""
+        if self._store is not None:
+            yield self._store
+            return
+        with capture_cross_attention(self.unet, resolution=self.config.map_resolution, latent_size=self.latent_size,
+                                     keep="last", cfg=False) as store:
+            self._store = store
+            try:
+                yield store
+            finally:
+                self._store = None
+
+    def sepen_terms(self, samples: Sequence[PairPrompt], noisy: torch.Tensor, timesteps: torch.Tensor):
+        """The SepEn loss terms of a batch of prompts on given noisy latents: each (B,).
+
+        Call backward inside `capturing()` when gradient checkpointing is on (train_step does).
+        """
+        c = self.config
+        text = self.text_embeddings([s.prompt for s in samples])
+        with self.capturing() as store:
+            store.stop_when_complete = c.early_exit
+            try:
+                with self.autocast():
+                    forward_until_captured(self.unet, noisy, timesteps, encoder_hidden_states=text)
+            finally:
+                store.stop_when_complete = False
+            token_maps = store.token_maps()
+        positions = [word_token_positions(self.pipe.tokenizer, s.prompt, list(s.words)) for s in samples]
+        maps = gather_word_maps(token_maps, positions)
+        return sepen_loss_terms(maps, c.lambda_sep, c.lambda_en, c.kernel_reading)
+
+    def norm_loss(self, step: int, start: int, size: int) -> torch.Tensor:
+        """Prior preservation: the finetuned UNet's noise prediction on single-concept prompts should stay
+        what the original weights predict. The target comes from the same UNet with the original trainable
+        tensors swapped in: no second UNet in memory."""
+        words = self.sampler.words
+        rng = np.random.default_rng([self.config.seed, step, start, 29])
+        prompts = [prior_prompt(words[i], self.config.prior_template).prompt for i in rng.integers(len(words), size=size)]
+        noisy, timesteps = self.random_inputs(step, start, size, stream=1)
+        text = self.text_embeddings(prompts)
+        with torch.no_grad(), self.original_weights(), self.autocast():
+            target = self.unet(noisy, timesteps, encoder_hidden_states=text).sample
+        with self.autocast():
+            prediction = self.unet(noisy, timesteps, encoder_hidden_states=text).sample
+        return F.mse_loss(prediction.float(), target.float())
+
+    @contextlib.contextmanager
+    def original_weights(self):
+        """Temporarily put the pre-training values back into the trainable tensors."""
+        current = [p.data for p in self.parameters]
+        for p, original in zip(self.parameters, self.originals):
+            p.data = original
+        try:
+            yield
+        finally:
+            for p, data in zip(self.parameters, current):
+                p.data = data
+
+    def train_step(self) -> dict:
+        """One optimisation step over the global batch; returns the logged values."""
+        c, P = self.config, self.state.num_processes
+        totals = {"loss": 0.0, "separate": 0.0, "enhance": 0.0, "norm": 0.0}
+        for micro in range(c.gradient_accumulation_steps):
+            start = (micro * P + self.state.process_index) * c.batch_size
+            samples = self.sampler.batch(c.seed, self.step, start, c.batch_size)
+            noisy, timesteps = self.random_inputs(self.step, start, c.batch_size)
+            with self.capturing():
+                terms = self.sepen_terms(samples, noisy, timesteps)
+                loss = terms.total.mean()
+                norm = self.norm_loss(self.step, start, c.batch_size) if c.norm_loss_weight > 0 else torch.zeros(())
+                loss = loss + c.norm_loss_weight * norm
+                self.scaler.scale(loss / c.gradient_accumulation_steps).backward()
+            for key, value in (("loss", loss), ("separate", terms.separate.mean()), ("enhance", terms.enhance.mean()),
+                               ("norm", norm)):
+                totals[key] += value.item() / c.gradient_accumulation_steps
+        self._average_gradients_across_processes()
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters, c.max_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        logged = {k: v for k, v in self._mean_across_processes(totals).items()}
+        return {"step": self.step, **{k: round(v, 6) for k, v in logged.items()},
+                "grad_norm": round(float(grad_norm), 6), "lr": self.learning_rate}
+
+    def _average_gradients_across_processes(self) -> None:
+        if self.state.num_processes == 1:
+            return
+        from accelerate.utils import reduce
+
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.parameters]
+        flat = reduce(torch.cat([g.flatten() for g in grads]), reduction="mean")
+        offset = 0
+        for p in self.parameters:
+            p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
+            offset += p.numel()
+
+    def _mean_across_processes(self, values: dict) -> dict:
+        if self.state.num_processes == 1:
+            return values
+        from accelerate.utils import reduce
+
+        reduced = reduce(torch.tensor(list(values.values()), device=self.device, dtype=torch.float64), "mean")
+        return dict(zip(values, reduced.tolist()))
+
+    # -- the loop --------------------------------------------------------------------------------------------
+    def train(self, progress: bool = True) -> FinetuneResult:
+        c = self.config
+        if self.step == 0 and self.state.is_main_process:
+            self.validate()
+        bar = tqdm(total=c.steps, initial=self.step, desc="SepEn finetuning",
+                   disable=not (progress and self.state.is_main_process))
+        while self.step < c.steps:
+            start = time.perf_counter()
+            entry = self.train_step()
+            self.seconds += time.perf_counter() - start
+            entry["seconds"] = round(self.seconds, 3)
+            self.history.append(entry)
+            bar.update(1)
+            bar.set_postfix(loss=f"{entry['loss']:.4f}", sep=f"{entry['separate']:.4f}", en=f"{entry['enhance']:.4f}")
+            if self.output_dir and (self.step % c.checkpoint_every == 0 or self.step == c.steps):
+                self.save_checkpoint()
+            if c.validate_every and self.step % c.validate_every == 0 and self.step < c.steps \
+                    and self.state.is_main_process:
+                self.validate()
+        bar.close()
+        if self.state.is_main_process and (not self.history or "validation" not in self.history[-1]):
+            self.validate()
+        self.state.wait_for_everyone()
+        result = FinetuneResult(self.delta(), self.history, self.output_dir)
+        if self.output_dir and self.state.is_main_process:
+            deltas.save_delta(result.delta, self.output_dir / "delta.safetensors")
+            self._write_history()
+        self.finish()
+        return result
+
+    def finish(self) -> None:
+        """Leave the pipeline usable for plain sampling: trained tensors back in the pipeline's dtype, frozen."""
+        for p in self.parameters:
+            p.requires_grad_(False)
+            p.data = p.data.to(self.weight_dtype)
+        if self.config.gradient_checkpointing:
+            self.unet.disable_gradient_checkpointing()
+        self.unet.eval()
+
+    def delta(self) -> "deltas.Delta":
+        """The trained tensors (float32, as trained) and what they were trained on."""
+        c = self.config
+        metadata = {"base_model": c.model, "trainable": c.trainable, "layers": c.layers,
+                    "concepts": self.sampler.words, "pairs": c.pairs, "steps": self.step,
+                    "config": c.to_json()}
+        return deltas.extract_delta(self.unet, self.trainable_names, metadata)
+
+    # -- validation ------------------------------------------------------------------------------------------
+    def validation_prompts(self) -> list[str]:
+        if self.config.validation_prompts:
+            return list(self.config.validation_prompts)
+        return [self.sampler.sample(self.config.seed, 0, i).prompt for i in range(4)] if self.sampler.pairs is None \
+            else [p.prompt for p in self.sampler.all_prompts()[:4]]
+
+    @torch.no_grad()
+    def validate(self) -> dict:
+        """Images for fixed seeds, and the mean losses on held-out latents (validation stream)."""
+        prompts = self.validation_prompts()
+        samples = [PairPrompt(p, tuple(self._words_of(p))) for p in prompts]
+        held_out = heldout_losses(self, samples, seeds=range(4))
+        entry = {"step": self.step, "validation": held_out}
+        if self.output_dir:
+            images = self.sample_images(prompts, self.config.validation_seeds)
+            from .viz import image_grid
+
+            figure = image_grid(images, titles=[f"{p} / seed {s}" for p in prompts for s in self.config.validation_seeds],
+                                columns=len(self.config.validation_seeds))
+            path = self.output_dir / "validation" / f"step-{self.step:05d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            figure.savefig(path, dpi=80)
+            import matplotlib.pyplot as plt
+
+            plt.close(figure)
+            entry["images"] = str(path)
+        self.history.append(entry)
+        return entry
+
+    def sample_images(self, prompts: Sequence[str], seeds: Sequence[int]):
+        """Generate with the current weights: one image per (prompt, seed), as PIL images."""
+        from .sampling import sampler_defaults
+
+        settings = sampler_defaults(self.pipe)
+        if self.config.validation_inference_steps:
+            settings["num_inference_steps"] = self.config.validation_inference_steps
+        images = []
+        for prompt in prompts:
+            for seed in seeds:
+                with self.autocast():
+                    images += self.pipe(prompt, generator=torch.Generator().manual_seed(seed),
+                                        height=self.latent_size * self.pipe.vae_scale_factor,
+                                        width=self.latent_size * self.pipe.vae_scale_factor, **settings).images
+        return images
+
+    def _words_of(self, prompt: str) -> list[str]:
+        words = [w for w in self.sampler.words if f" {w}" in f" {prompt}"]
+        if len(words) < 2:
+            raise ValueError(f"The validation prompt {prompt!r} does not name two training concepts {self.sampler.words}.")
+        return sorted(words, key=lambda w: prompt.find(w))[:2]
+
+    # -- checkpoints -----------------------------------------------------------------------------------------
+    def save_checkpoint(self) -> None:
+        if not self.state.is_main_process:
+            return
+        tensors = {f"trainable.{name}": p for name, p in zip(self.trainable_names, self.parameters)}
+        opt_tensors, opt_meta = optimizer_to_tensors(self.optimizer)
+        state = {"step": self.step, "seconds": self.seconds, "config": self.config.to_json(),
+                 "optimizer": opt_meta, "scaler": self.scaler.state_dict(), "history": self.history,
+                 "trainable_names": self.trainable_names}
+        save_checkpoint(self.output_dir / "checkpoint", tensors | opt_tensors, state)
+        self._write_history()
+
+    def _load_checkpoint(self) -> None:
+        tensors, state = load_checkpoint(self.output_dir / "checkpoint")
+        saved, current = state["config"], self.config.to_json()
+        changed = {k: (saved.get(k), current[k]) for k in FIXED_ON_RESUME if saved.get(k) != current[k]}
+        if changed:
+            raise ValueError(f"The checkpoint in {self.output_dir} was made with other settings {changed} (saved, "
+                             "asked). Resume with the same settings, or use another output_dir.")
+        with torch.no_grad():
+            for name, p in zip(self.trainable_names, self.parameters):
+                p.copy_(tensors[f"trainable.{name}"])
+        optimizer_from_tensors(self.optimizer, tensors, state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step, self.seconds, self.history = state["step"], state["seconds"], state["history"]
+
+    def _write_history(self) -> None:
+        rows = [h for h in self.history if "loss" in h]
+        (self.output_dir / "history.json").write_text(json.dumps(self.history, indent=1))
+        with open(self.output_dir / "history.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["step"])
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+@torch.no_grad()
+def heldout_losses(finetuner: Finetuner, samples: Sequence[PairPrompt], seeds: Sequence[int]) -> dict:
+    """Mean SepEn terms on fixed latents that training never draws (a separate random stream)."""
+    totals = {"loss": [], "separate": [], "enhance": []}
+    for seed in seeds:
+        noisy, timesteps = finetuner.random_inputs(step=seed, start=0, size=len(samples), stream=7)
+        terms = finetuner.sepen_terms(samples, noisy, timesteps)
+        totals["loss"].append(terms.total)
+        totals["separate"].append(terms.separate)
+        totals["enhance"].append(terms.enhance)
+    return {k: round(torch.cat(v).mean().item(), 6) for k, v in totals.items()}
+
+
+def _resolve_precision(mixed_precision: str, device: torch.device) -> str:
+    if mixed_precision != "auto":
+        if mixed_precision != "no" and device.type == "cpu" and mixed_precision == "fp16":
+            raise ValueError("fp16 training on the CPU is not supported; use 'bf16' or 'no'.")
+        return mixed_precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "no"
+
+
+def _training_scheduler(pipe):
+    """The noise schedule the model was trained with, as a DDPM scheduler (for `add_noise`)."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler.from_config(pipe.scheduler.config)
+
+
+def _sample_seed(seed: int, step: int, index: int, stream: int) -> int:
+    return int(np.random.default_rng([seed, step, index, stream, 3]).integers(2**62))

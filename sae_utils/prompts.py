@@ -1,0 +1,133 @@
+"""The prompts SepEn trains and evaluates on: concept pairs in a template, and the shipped prompt sets.
+
+    pair_prompt("cat", "dog")                    # PairPrompt('a photo of a cat and a dog', ('cat', 'dog'))
+    sampler = PairSampler(pairs=[("cat", "dog")])
+    sampler.sample(seed=0, step=3, index=1)      # the same answer in every process, on every resume
+
+Training data is free: every sample is a prompt drawn from the concepts, so a sample is a pure function of
+(seed, step, index in the global batch). That makes resuming exact and makes N processes see exactly the
+batch one process would.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+from typing import Sequence
+
+import numpy as np
+
+TRAIN_TEMPLATE = "a photo of a {a} {connector} a {b}"
+PRIOR_TEMPLATE = "a photo of a {a}"
+
+
+@dataclass(frozen=True)
+class PairPrompt:
+    prompt: str
+    words: tuple[str, ...]  # the object words, in prompt order
+
+
+def pair_prompt(a: str, b: str, template: str = TRAIN_TEMPLATE, connector: str = "and") -> PairPrompt:
+    """Fill the template; the template must name both objects, as `{a}` and `{b}`."""
+    if "{a}" not in template or "{b}" not in template:
+        raise ValueError(f"The template {template!r} must contain {{a}} and {{b}} (the two objects), "
+                         "e.g. 'a photo of a {a} {connector} a {b}'.")
+    return PairPrompt(template.format(a=a, b=b, connector=connector), (a, b))
+
+
+def prior_prompt(concept: str, template: str = PRIOR_TEMPLATE) -> PairPrompt:
+    if "{a}" not in template:
+        raise ValueError(f"The prior template {template!r} must contain {{a}}, e.g. 'a photo of a {{a}}'.")
+    return PairPrompt(template.format(a=concept), (concept,))
+
+
+class PairSampler:
+    """Draws training prompts: from fixed `pairs`, or random pairs of distinct `concepts`.
+
+    connectors: drawn uniformly per sample ("and", "with"); order: with `pairs`, each pair keeps its order
+    unless `shuffle_order` (then either order, as the reference does for multi-concept training).
+    """
+
+    def __init__(self, pairs: Sequence[Sequence[str]] | None = None, concepts: Sequence[str] | None = None,
+                 template: str = TRAIN_TEMPLATE, connectors: Sequence[str] = ("and",), shuffle_order: bool = False):
+        if (pairs is None) == (concepts is None):
+            raise ValueError("Give either `pairs` (e.g. [('cat', 'dog')]) or `concepts` (random pairs of them).")
+        if pairs is not None:
+            pairs = [tuple(p) for p in pairs]
+            bad = [p for p in pairs if len(p) != 2 or p[0] == p[1]]
+            if not pairs or bad:
+                raise ValueError(f"Each pair must be two different concepts; got {bad or pairs}.")
+        if concepts is not None and len(set(concepts)) < 2:
+            raise ValueError(f"Random pairs need at least 2 different concepts; got {list(concepts)}.")
+        if not connectors:
+            raise ValueError("Give at least one connector, e.g. ('and',).")
+        self.pairs, self.concepts = pairs, (list(dict.fromkeys(concepts)) if concepts is not None else None)
+        self.template, self.connectors, self.shuffle_order = template, tuple(connectors), shuffle_order
+        pair_prompt("x", "y", template)  # validate the template now, not at step 1
+
+    def sample(self, seed: int, step: int, index: int) -> PairPrompt:
+        rng = np.random.default_rng([seed, step, index, 17])
+        if self.pairs is not None:
+            a, b = self.pairs[rng.integers(len(self.pairs))]
+        else:
+            a, b = (self.concepts[i] for i in rng.choice(len(self.concepts), size=2, replace=False))
+        if self.shuffle_order and rng.random() < 0.5:
+            a, b = b, a
+        return pair_prompt(a, b, self.template, self.connectors[rng.integers(len(self.connectors))])
+
+    def batch(self, seed: int, step: int, start: int, size: int) -> list[PairPrompt]:
+        """Samples start .. start+size-1 of the global batch of `step`."""
+        return [self.sample(seed, step, index) for index in range(start, start + size)]
+
+    def all_prompts(self) -> list[PairPrompt]:
+        """Every prompt the sampler can draw (for caching text embeddings; fixed pairs only)."""
+        if self.pairs is None:
+            raise ValueError("Random pairs of concepts have too many prompts to list.")
+        orders = [(a, b) for a, b in self.pairs] + ([(b, a) for a, b in self.pairs] if self.shuffle_order else [])
+        return [pair_prompt(a, b, self.template, c) for (a, b), c in itertools.product(orders, self.connectors)]
+
+    @property
+    def words(self) -> list[str]:
+        return sorted({w for p in self.pairs for w in p}) if self.pairs is not None else list(self.concepts)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The shipped prompt sets (sae_utils/data/concepts.json)
+# ----------------------------------------------------------------------------------------------------------
+@lru_cache(maxsize=1)
+def concept_data() -> dict:
+    return json.loads(resources.files("sae_utils").joinpath("data/concepts.json").read_text())
+
+
+def attend_and_excite_prompts(category: str | None = None) -> list[str]:
+    """The Attend-and-Excite benchmark: 276 two-object prompts; category "animals", "animals_objects",
+    "objects" or None for all."""
+    sets = concept_data()["attend_and_excite"]["prompts"]
+    if category is None:
+        return [p for prompts in sets.values() for p in prompts]
+    if category not in sets:
+        raise ValueError(f"Unknown category {category!r}; choose from {list(sets)}.")
+    return list(sets[category])
+
+
+def attend_and_excite_words(prompt: str) -> tuple[str, str]:
+    """The two object words of a benchmark prompt: the nouns from the animal and object lists."""
+    data = concept_data()["attend_and_excite"]
+    vocabulary = set(data["animals"]) | set(data["objects"])
+    words = tuple(w for w in prompt.replace(",", " ").split() if w in vocabulary)
+    if len(words) != 2:
+        raise ValueError(f"Expected two benchmark objects in {prompt!r}, found {words}.")
+    return words
+
+
+def multi_concept_split() -> dict[str, list[str]]:
+    """The 220 concepts of the multi-concept experiment: {"seen": 200, "unseen": 20}."""
+    data = concept_data()["multi_concept"]
+    return {"seen": data["animal_train"] + data["object_train"], "unseen": data["animal_test"] + data["object_test"]}
+
+
+def multi_concept_eval_prompts() -> list[str]:
+    """The 200 held-out evaluation prompts (100 seen-seen, 80 seen-unseen, 20 unseen-unseen)."""
+    return list(concept_data()["multi_concept"]["eval_prompts"])
