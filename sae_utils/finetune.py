@@ -32,7 +32,6 @@ from tqdm.auto import tqdm
 
 from . import delta as deltas
 from .attention import capture_cross_attention, forward_until_captured
-from .maps import gather_word_maps
 from .checkpoint import load_checkpoint, optimizer_from_tensors, optimizer_to_tensors, save_checkpoint
 from .losses import sepen_loss_terms
 from .models import DEFAULT_MODEL, load_pipeline, model_info
@@ -66,6 +65,7 @@ class FinetuneConfig:
     gradient_accumulation_steps: int = 1
     learning_rate: float = 2e-6  # per sample of the global batch (scale_lr), as in the reference
     scale_lr: bool = True
+    optimizer: str = "adamw"  # "adamw" or "adamw-fused" (one kernel for all tensors; CUDA)
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_weight_decay: float = 1e-2
     adam_epsilon: float = 1e-8
@@ -76,6 +76,7 @@ class FinetuneConfig:
     mixed_precision: str = "auto"  # "no", "fp16", "bf16"; "auto" = bf16 if the GPU has it, else fp16; CPU: "no"
     gradient_checkpointing: bool = False
     early_exit: bool = True  # stop each UNet forward after the last captured layer
+    compile: str = "none"  # "cuda-graph": replay the whole step as one CUDA graph (CUDA, bf16/fp32, 1 process)
     seed: int = 0
     device: str = "auto"
     output_dir: str | None = None  # checkpoints, history, validation images, the delta
@@ -97,6 +98,10 @@ class FinetuneConfig:
                 raise ValueError(f"{name} must be > 0, got {value}.")
         if self.lambda_sep < 0 or self.lambda_en < 0 or self.lambda_sep + self.lambda_en == 0:
             raise ValueError(f"lambda_sep={self.lambda_sep}, lambda_en={self.lambda_en}: use weights >= 0, not both 0.")
+        if self.compile not in ("none", "cuda-graph"):
+            raise ValueError(f"compile={self.compile!r}: use 'none' or 'cuda-graph'.")
+        if self.optimizer not in ("adamw", "adamw-fused"):
+            raise ValueError(f"optimizer={self.optimizer!r}: use 'adamw' or 'adamw-fused'.")
         if self.mixed_precision not in ("auto", "no", "fp16", "bf16"):
             raise ValueError(f"mixed_precision={self.mixed_precision!r}: use 'auto', 'no', 'fp16' or 'bf16'.")
         low, high = self.timestep_range
@@ -107,6 +112,21 @@ class FinetuneConfig:
 
     def to_json(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+# Memory presets for single GPUs, measured on an H200 capped to the card's memory (benchmarks/results).
+PRESETS = {
+    "colab-t4": dict(mixed_precision="fp16", batch_size=4),  # 15 GB, the course's default on Colab
+    "low-memory": dict(mixed_precision="fp16", batch_size=2, gradient_accumulation_steps=2,
+                       gradient_checkpointing=True),  # 8 GB cards: the same global batch of 4
+}
+
+
+def preset(name: str, **overrides) -> FinetuneConfig:
+    """A FinetuneConfig from a named preset, e.g. preset("colab-t4", pairs=[("cat", "dog")])."""
+    if name not in PRESETS:
+        raise ValueError(f"Unknown preset {name!r}; presets: {list(PRESETS)}.")
+    return FinetuneConfig(**{**PRESETS[name], **overrides})
 
 
 @dataclass
@@ -164,11 +184,17 @@ class Finetuner:
         self.global_batch = config.batch_size * self.state.num_processes * config.gradient_accumulation_steps
         self.learning_rate = config.learning_rate * (self.global_batch if config.scale_lr else 1)
         self.optimizer = torch.optim.AdamW(self.parameters, lr=self.learning_rate, betas=config.adam_betas,
-                                           weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
+                                           weight_decay=config.adam_weight_decay, eps=config.adam_epsilon,
+                                           fused=config.optimizer == "adamw-fused" or None,
+                                           capturable=config.compile == "cuda-graph")
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
         self.step, self.seconds, self.history = 0, 0.0, []
         self._text_cache: dict[str, torch.Tensor] = {}
+        self._positions: dict[PairPrompt, list[list[int]]] = {}
         self._store = None
+        self._graph = None
+        if config.compile == "cuda-graph":
+            self._check_graphable()
         self.output_dir = Path(config.output_dir) if config.output_dir else None
         if resume and self.output_dir and (self.output_dir / "checkpoint").exists():
             self._load_checkpoint()
@@ -237,13 +263,32 @@ class Finetuner:
             finally:
                 self._store = None
 
-    def sepen_terms(self, samples: Sequence[PairPrompt], noisy: torch.Tensor, timesteps: torch.Tensor):
-        """The SepEn loss terms of a batch of prompts on given noisy latents: each (B,).
+    def word_masks(self, samples: Sequence[PairPrompt]) -> torch.Tensor:
+        """(B, K, T): 1 at the token positions of each object word (the sum rule for multi-token words).
 
-        Call backward inside `capturing()` when gradient checkpointing is on (train_step does).
+        Word maps are then one matrix product with the token maps: no Python indexing in the step, so the
+        same computation serves every prompt and can be replayed as a CUDA graph.
+        """
+        T = self.pipe.tokenizer.model_max_length
+        masks = torch.zeros(len(samples), len(samples[0].words), T)
+        for b, sample in enumerate(samples):
+            if sample not in self._positions:
+                self._positions[sample] = word_token_positions(self.pipe.tokenizer, sample.prompt, list(sample.words))
+            for k, positions in enumerate(self._positions[sample]):
+                masks[b, k, positions] = 1.0
+        return masks.to(self.device)
+
+    def sepen_terms(self, samples: Sequence[PairPrompt], noisy: torch.Tensor, timesteps: torch.Tensor):
+        """The SepEn loss terms of a batch of prompts on given noisy latents: each (B,)."""
+        text = self.text_embeddings([s.prompt for s in samples])
+        return self.sepen_terms_from(noisy, timesteps, text, self.word_masks(samples))
+
+    def sepen_terms_from(self, noisy, timesteps, text, masks):
+        """noisy (B, 4, h, w), timesteps (B,), text (B, T, D), masks (B, K, T) -> SepEn terms, each (B,).
+
+        No host synchronisation. Call backward inside `capturing()` when gradient checkpointing is on.
         """
         c = self.config
-        text = self.text_embeddings([s.prompt for s in samples])
         with self.capturing() as store:
             store.stop_when_complete = c.early_exit
             try:
@@ -251,20 +296,25 @@ class Finetuner:
                     forward_until_captured(self.unet, noisy, timesteps, encoder_hidden_states=text)
             finally:
                 store.stop_when_complete = False
-            token_maps = store.token_maps()
-        positions = [word_token_positions(self.pipe.tokenizer, s.prompt, list(s.words)) for s in samples]
-        maps = gather_word_maps(token_maps, positions)
-        return sepen_loss_terms(maps, c.lambda_sep, c.lambda_en, c.kernel_reading)
+            maps = torch.einsum("bthw,bkt->bkhw", store.token_maps().float(), masks)
+        return sepen_loss_terms(maps, c.lambda_sep, c.lambda_en, c.kernel_reading, check_values=False)
 
-    def norm_loss(self, step: int, start: int, size: int) -> torch.Tensor:
-        """Prior preservation: the finetuned UNet's noise prediction on single-concept prompts should stay
-        what the original weights predict. The target comes from the same UNet with the original trainable
-        tensors swapped in: no second UNet in memory."""
+    def prior_inputs(self, step: int, start: int, size: int) -> dict:
+        """Single-concept prompts and their own noisy latents, for the norm loss."""
         words = self.sampler.words
         rng = np.random.default_rng([self.config.seed, step, start, 29])
         prompts = [prior_prompt(words[i], self.config.prior_template).prompt for i in rng.integers(len(words), size=size)]
         noisy, timesteps = self.random_inputs(step, start, size, stream=1)
-        text = self.text_embeddings(prompts)
+        return {"prior_noisy": noisy, "prior_timesteps": timesteps, "prior_text": self.text_embeddings(prompts)}
+
+    def norm_loss(self, step: int, start: int, size: int) -> torch.Tensor:
+        """Prior preservation on the prompts of `prior_inputs`; see `norm_loss_from`."""
+        inputs = self.prior_inputs(step, start, size)
+        return self.norm_loss_from(inputs["prior_noisy"], inputs["prior_timesteps"], inputs["prior_text"])
+
+    def norm_loss_from(self, noisy, timesteps, text) -> torch.Tensor:
+        """The finetuned UNet's noise prediction should stay what the original weights predict. The target
+        comes from the same UNet with the original trainable tensors swapped in: no second UNet in memory."""
         with torch.no_grad(), self.original_weights(), self.autocast():
             target = self.unet(noisy, timesteps, encoder_hidden_states=text).sample
         with self.autocast():
@@ -283,23 +333,40 @@ class Finetuner:
             for p, data in zip(self.parameters, current):
                 p.data = data
 
+    def step_inputs(self, micro: int = 0) -> dict[str, torch.Tensor]:
+        """Everything one micro-batch of this process needs, on the device: the host-side half of a step."""
+        c = self.config
+        start = (micro * self.state.num_processes + self.state.process_index) * c.batch_size
+        samples = self.sampler.batch(c.seed, self.step, start, c.batch_size)
+        noisy, timesteps = self.random_inputs(self.step, start, c.batch_size)
+        inputs = {"noisy": noisy, "timesteps": timesteps, "text": self.text_embeddings([s.prompt for s in samples]),
+                  "masks": self.word_masks(samples)}
+        if c.norm_loss_weight > 0:
+            inputs |= self.prior_inputs(self.step, start, c.batch_size)
+        return inputs
+
+    def step_losses(self, inputs: dict) -> dict[str, torch.Tensor]:
+        """The losses of one micro-batch (device tensors, no host sync): loss, separate, enhance, norm."""
+        c = self.config
+        terms = self.sepen_terms_from(inputs["noisy"], inputs["timesteps"], inputs["text"], inputs["masks"])
+        norm = self.norm_loss_from(inputs["prior_noisy"], inputs["prior_timesteps"], inputs["prior_text"]) \
+            if c.norm_loss_weight > 0 else torch.zeros((), device=self.device)
+        return {"loss": terms.total.mean() + c.norm_loss_weight * norm, "separate": terms.separate.mean(),
+                "enhance": terms.enhance.mean(), "norm": norm}
+
     def train_step(self) -> dict:
         """One optimisation step over the global batch; returns the logged values."""
-        c, P = self.config, self.state.num_processes
-        totals = {"loss": 0.0, "separate": 0.0, "enhance": 0.0, "norm": 0.0}
+        if self.config.compile == "cuda-graph":
+            return self._graphed_train_step()
+        c = self.config
+        totals = None
         for micro in range(c.gradient_accumulation_steps):
-            start = (micro * P + self.state.process_index) * c.batch_size
-            samples = self.sampler.batch(c.seed, self.step, start, c.batch_size)
-            noisy, timesteps = self.random_inputs(self.step, start, c.batch_size)
+            inputs = self.step_inputs(micro)
             with self.capturing():
-                terms = self.sepen_terms(samples, noisy, timesteps)
-                loss = terms.total.mean()
-                norm = self.norm_loss(self.step, start, c.batch_size) if c.norm_loss_weight > 0 else torch.zeros(())
-                loss = loss + c.norm_loss_weight * norm
-                self.scaler.scale(loss / c.gradient_accumulation_steps).backward()
-            for key, value in (("loss", loss), ("separate", terms.separate.mean()), ("enhance", terms.enhance.mean()),
-                               ("norm", norm)):
-                totals[key] += value.item() / c.gradient_accumulation_steps
+                losses = self.step_losses(inputs)
+                self.scaler.scale(losses["loss"] / c.gradient_accumulation_steps).backward()
+            losses = {k: v.detach() / c.gradient_accumulation_steps for k, v in losses.items()}
+            totals = losses if totals is None else {k: totals[k] + losses[k] for k in totals}
         self._average_gradients_across_processes()
         self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters, c.max_grad_norm)
@@ -307,9 +374,70 @@ class Finetuner:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        logged = {k: v for k, v in self._mean_across_processes(totals).items()}
-        return {"step": self.step, **{k: round(v, 6) for k, v in logged.items()},
+        return self._logged(totals, grad_norm)
+
+    def _logged(self, losses: dict, grad_norm: torch.Tensor) -> dict:
+        values = self._mean_across_processes({k: v.item() for k, v in losses.items()})  # the step's one host sync
+        return {"step": self.step, **{k: round(v, 6) for k, v in values.items()},
                 "grad_norm": round(float(grad_norm), 6), "lr": self.learning_rate}
+
+    # -- the same step as one CUDA graph ---------------------------------------------------------------------
+    def _check_graphable(self) -> None:
+        c, reasons = self.config, []
+        if self.device.type != "cuda":
+            reasons.append("a CUDA device")
+        if self.precision == "fp16":
+            reasons.append("bf16 or fp32 (fp16's loss scaling reads values on the host)")
+        if self.state.num_processes > 1 or c.gradient_accumulation_steps > 1:
+            reasons.append("one process and no gradient accumulation")
+        if c.gradient_checkpointing:
+            reasons.append("no gradient checkpointing")
+        if reasons:
+            raise ValueError(f"compile='cuda-graph' needs {', '.join(reasons)}; use compile='none' otherwise.")
+
+    def _graph_body(self, inputs: dict) -> dict:
+        with self.capturing():
+            losses = self.step_losses(inputs)
+            losses["loss"].backward()
+        losses = {k: v.detach() for k, v in losses.items()}
+        losses["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.parameters, self.config.max_grad_norm, foreach=True)
+        self.optimizer.step()
+        return losses
+
+    def _capture_graph(self, inputs: dict) -> None:
+        """Record forward, losses, backward, clipping and AdamW as one CUDA graph. The warm-up steps that
+        graph capture needs are undone (weights and optimizer state restored), so training is unchanged."""
+        self._static_inputs = {k: v.clone() for k, v in inputs.items()}
+        weights = [p.detach().clone() for p in self.parameters]
+        state = {i: {k: v.clone() for k, v in self.optimizer.state[p].items()} for i, p in enumerate(self.parameters)
+                 if self.optimizer.state[p]}
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                self.optimizer.zero_grad(set_to_none=True)
+                self._graph_body(self._static_inputs)
+        torch.cuda.current_stream().wait_stream(stream)
+        with torch.no_grad():
+            for i, (p, w) in enumerate(zip(self.parameters, weights)):
+                p.copy_(w)
+                for key, value in self.optimizer.state[p].items():
+                    value.copy_(state[i][key]) if i in state else value.zero_()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self._graph):
+            self._static_losses = self._graph_body(self._static_inputs)
+
+    def _graphed_train_step(self) -> dict:
+        inputs = self.step_inputs()
+        if self._graph is None:
+            self._capture_graph(inputs)
+        for name, value in inputs.items():
+            self._static_inputs[name].copy_(value, non_blocking=True)
+        self._graph.replay()
+        self.step += 1
+        losses = dict(self._static_losses)
+        return self._logged({k: v for k, v in losses.items() if k != "grad_norm"}, losses["grad_norm"])
 
     def _average_gradients_across_processes(self) -> None:
         if self.state.num_processes == 1:
@@ -338,6 +466,21 @@ class Finetuner:
             self.validate()
         bar = tqdm(total=c.steps, initial=self.step, desc="SepEn finetuning",
                    disable=not (progress and self.state.is_main_process))
+        with self.capturing():  # installed once for the whole loop, not per step
+            self._loop(bar)
+        bar.close()
+        if self.state.is_main_process and (not self.history or "validation" not in self.history[-1]):
+            self.validate()
+        self.state.wait_for_everyone()
+        result = FinetuneResult(self.delta(), self.history, self.output_dir)
+        if self.output_dir and self.state.is_main_process:
+            deltas.save_delta(result.delta, self.output_dir / "delta.safetensors")
+            self._write_history()
+        self.finish()
+        return result
+
+    def _loop(self, bar) -> None:
+        c = self.config
         while self.step < c.steps:
             start = time.perf_counter()
             entry = self.train_step()
@@ -351,19 +494,10 @@ class Finetuner:
             if c.validate_every and self.step % c.validate_every == 0 and self.step < c.steps \
                     and self.state.is_main_process:
                 self.validate()
-        bar.close()
-        if self.state.is_main_process and (not self.history or "validation" not in self.history[-1]):
-            self.validate()
-        self.state.wait_for_everyone()
-        result = FinetuneResult(self.delta(), self.history, self.output_dir)
-        if self.output_dir and self.state.is_main_process:
-            deltas.save_delta(result.delta, self.output_dir / "delta.safetensors")
-            self._write_history()
-        self.finish()
-        return result
 
     def finish(self) -> None:
         """Leave the pipeline usable for plain sampling: trained tensors back in the pipeline's dtype, frozen."""
+        self._graph = None
         for p in self.parameters:
             p.requires_grad_(False)
             p.data = p.data.to(self.weight_dtype)

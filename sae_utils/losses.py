@@ -14,6 +14,7 @@ all-zero or tiny maps.
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -48,8 +49,19 @@ def gaussian_kernel_3x3(sigma: float = 0.5, reading: str = "reference") -> Tenso
     return torch.outer(weights, weights).float()
 
 
-def _as_float32_maps(maps: Tensor, name: str = "maps", min_objects: int = 1) -> Tensor:
-    """Check `maps: (B, K, H, W)` (floating, finite, >= 0, K >= min_objects); return it in float32."""
+@lru_cache(maxsize=32)
+def _kernel_on(sigma: float, reading: str, device: torch.device) -> Tensor:
+    """The kernel, made once per device: a host-to-device copy in every step would stall the GPU (and is
+    not allowed inside a CUDA graph)."""
+    return gaussian_kernel_3x3(sigma, reading).to(device)[None, None]
+
+
+def _as_float32_maps(maps: Tensor, name: str = "maps", min_objects: int = 1, check_values: bool = True) -> Tensor:
+    """Check `maps: (B, K, H, W)` (floating, finite, >= 0, K >= min_objects); return it in float32.
+
+    check_values=False skips the finite/non-negative test, the one check that reads the values: on a GPU it
+    waits for them (a host sync), which a training step or a CUDA graph cannot afford.
+    """
     if not isinstance(maps, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape (B, K, H, W), got {type(maps).__name__}")
     if maps.ndim != 4:
@@ -64,8 +76,8 @@ def _as_float32_maps(maps: Tensor, name: str = "maps", min_objects: int = 1) -> 
             f"{name} has K={maps.shape[1]} object maps (shape {tuple(maps.shape)}); this loss needs "
             f"K >= {min_objects}: it compares the maps of different objects"
         )
-    bad = ~(torch.isfinite(maps) & (maps >= 0))
-    if bad.any():
+    bad = ~(torch.isfinite(maps) & (maps >= 0)) if check_values else None
+    if bad is not None and bad.any():
         kind = "NaN" if maps.isnan().any() else "inf" if maps.isinf().any() else "negative values"
         raise ValueError(f"{name} contains {kind}; attention maps are probabilities, finite and >= 0")
     return maps.float()
@@ -86,23 +98,23 @@ def stack_object_maps(word_maps: Sequence[Tensor]) -> Tensor:
     return torch.stack(list(word_maps), dim=1)
 
 
-def smooth(maps: Tensor, sigma: float = 0.5, reading: str = "reference") -> Tensor:
+def smooth(maps: Tensor, sigma: float = 0.5, reading: str = "reference", check_values: bool = True) -> Tensor:
     """Blur each map with the 3x3 Gaussian, reflect padding of 1 pixel: (B, K, H, W) -> (B, K, H, W)."""
-    maps = _as_float32_maps(maps)
+    maps = _as_float32_maps(maps, check_values=check_values)
     B, K, H, W = maps.shape
     if H < 2 or W < 2:
         raise ValueError(f"reflect padding needs H, W >= 2; got maps of shape {tuple(maps.shape)}")
-    kernel = gaussian_kernel_3x3(sigma, reading).to(maps.device)[None, None]  # (1, 1, 3, 3)
+    kernel = _kernel_on(sigma, reading, maps.device)  # (1, 1, 3, 3)
     padded = F.pad(maps.reshape(B * K, 1, H, W), (1, 1, 1, 1), mode="reflect")
     return F.conv2d(padded, kernel).reshape(B, K, H, W)
 
 
-def object_peaks(maps: Tensor, sigma: float = 0.5, reading: str = "reference") -> Tensor:
+def object_peaks(maps: Tensor, sigma: float = 0.5, reading: str = "reference", check_values: bool = True) -> Tensor:
     """The peak of each smoothed map: (B, K, H, W) -> (B, K)."""
-    return smooth(maps, sigma, reading).flatten(2).amax(dim=-1)
+    return smooth(maps, sigma, reading, check_values).flatten(2).amax(dim=-1)
 
 
-def separate_loss(maps: Tensor) -> Tensor:
+def separate_loss(maps: Tensor, check_values: bool = True) -> Tensor:
     """Overlap of the object maps: (B, K, H, W) -> (B,), K >= 2.
 
     For each pair i < j, max over pixels of M_i M_j / (M_i + M_j); averaged over the
@@ -110,7 +122,7 @@ def separate_loss(maps: Tensor) -> Tensor:
     including the 0/0 case, the ratio is 0 (its true value is below that anyway): a
     safe denominator there keeps the gradient finite too.
     """
-    maps = _as_float32_maps(maps, min_objects=2)
+    maps = _as_float32_maps(maps, min_objects=2, check_values=check_values)
     i, j = torch.triu_indices(maps.shape[1], maps.shape[1], offset=1, device=maps.device)
     product, total = maps[:, i] * maps[:, j], maps[:, i] + maps[:, j]  # (B, pairs, H, W)
     defined = total > torch.finfo(torch.float32).tiny
@@ -118,12 +130,12 @@ def separate_loss(maps: Tensor) -> Tensor:
     return ratio.flatten(2).amax(dim=-1).mean(dim=1)
 
 
-def enhance_loss(maps: Tensor, sigma: float = 0.5, reading: str = "reference") -> Tensor:
+def enhance_loss(maps: Tensor, sigma: float = 0.5, reading: str = "reference", check_values: bool = True) -> Tensor:
     """Weakness of the weakest object: (B, K, H, W) -> (B,) = 1 - min_k max_pixels (G * M_k).
 
     G is the 3x3 Gaussian of `gaussian_kernel_3x3(sigma, reading)`, default the reference reading.
     """
-    return 1 - object_peaks(maps, sigma, reading).amin(dim=1)
+    return 1 - object_peaks(maps, sigma, reading, check_values).amin(dim=1)
 
 
 class SepEnLoss(NamedTuple):
@@ -135,10 +147,13 @@ class SepEnLoss(NamedTuple):
 
 
 def sepen_loss_terms(
-    maps: Tensor, lambda_sep: float = 1.0, lambda_en: float = 0.5, reading: str = "reference", *, sigma: float = 0.5
+    maps: Tensor, lambda_sep: float = 1.0, lambda_en: float = 0.5, reading: str = "reference", *, sigma: float = 0.5,
+    check_values: bool = True,
 ) -> SepEnLoss:
-    """Both terms and their weighted sum, for logging; see `sepen_loss`."""
-    separate, enhance = separate_loss(maps), enhance_loss(maps, sigma, reading)
+    """Both terms and their weighted sum, for logging; see `sepen_loss`. The maps are checked once;
+    check_values=False skips the value check (a host sync) in training steps."""
+    maps = _as_float32_maps(maps, min_objects=2, check_values=check_values)
+    separate, enhance = separate_loss(maps, check_values=False), enhance_loss(maps, sigma, reading, check_values=False)
     return SepEnLoss(lambda_sep * separate + lambda_en * enhance, separate, enhance)
 
 

@@ -117,13 +117,30 @@ def tiny_pipeline(seed: int = 0) -> StableDiffusionPipeline:
         requires_safety_checker=False)
 
 
-def sd_v1_unet(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0,
-               ) -> UNet2DConditionModel:
-    """The UNet of Stable Diffusion v1 (860 M parameters) with random weights: the real architecture,
-    for benchmarks and memory checks where the checkpoint cannot be downloaded."""
-    with torch.random.fork_rng(devices=[]):
+def sd_v1_pipeline(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0,
+                   ) -> StableDiffusionPipeline:
+    """Stable Diffusion v1's full architecture (UNet 860 M, CLIP ViT-L/14 text encoder, autoencoder) with
+    random weights, built directly on `device`: for benchmarks and memory checks where the checkpoint
+    cannot be downloaded. Its images are noise; its shapes, speed and memory are SD's. Seeds every device's
+    generator with `seed` (the CPU's is restored afterwards)."""
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[]), device:
         torch.manual_seed(seed)
-        return UNet2DConditionModel(**SD_V1_UNET_CONFIG).to(device=device, dtype=dtype)
+        unet = UNet2DConditionModel(**SD_V1_UNET_CONFIG)
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=CLIP_VOCAB_SIZE, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+            num_attention_heads=12, max_position_embeddings=MAX_TOKENS, hidden_act="quick_gelu",
+            projection_dim=768, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407))
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
+            layers_per_block=2, down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32, sample_size=512)
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(), unet=unet,
+        scheduler=PNDMScheduler(**SD_V1_SCHEDULER_CONFIG), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------
