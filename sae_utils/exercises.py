@@ -245,3 +245,30 @@ def check_sepen_loss(fn: LossFn, lambda_sep: float = 1.0, lambda_en: float = 0.5
     return _check("sepen_loss", fn, reference, _sepen_mistakes(lambda_sep, lambda_en, reading), _cases(),
                   "NaN: guard the 0/0 of the separate term where both maps are 0", "NaN gradient: guard the 0/0 "
                   "of the separate term with a safe denominator, torch.where(total > 0, total, 1)")
+
+
+def check_peaks(fn: Callable[[Tensor], Tensor], word_maps: Tensor) -> bool:
+    """Notebook 01's exercise: `fn(word_maps: (B, K, h, w)) -> (B, K)`, the peak of each object's map.
+
+    Prints "Not done yet" while `fn` raises NotImplementedError (so the notebook still runs).
+    """
+    from sae_utils.maps import peak_activation
+
+    try:
+        got = fn(word_maps)
+    except NotImplementedError:
+        print("Not done yet: write the function above, then run this cell again.")
+        return False
+    expected = peak_activation(word_maps)
+    if not isinstance(got, Tensor) or got.shape != expected.shape:
+        shape = tuple(got.shape) if isinstance(got, Tensor) else type(got).__name__
+        raise ExerciseError(f"Expected one peak per image and object, shape {tuple(expected.shape)}; got {shape}. "
+                            "Take the maximum over the two pixel dimensions only, e.g. amax(dim=(-2, -1)).")
+    if not torch.allclose(got.float(), expected.float(), atol=1e-6):
+        hint = ("that is the mean of each map; the peak is its maximum"
+                if torch.allclose(got.float(), word_maps.float().mean(dim=(-2, -1)), atol=1e-6)
+                else "compare with word_maps[b, k].max()")
+        values = lambda t: [round(v, 4) for v in t[0].tolist()]  # noqa: E731
+        raise ExerciseError(f"Wrong values: got {values(got)} for image 0, expected {values(expected)}: {hint}.")
+    print(f"Correct: the peaks of image 0 are {[round(v, 4) for v in expected[0].tolist()]}. Well done!")
+    return True

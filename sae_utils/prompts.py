@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
@@ -41,6 +42,17 @@ def prior_prompt(concept: str, template: str = PRIOR_TEMPLATE) -> PairPrompt:
     if "{a}" not in template:
         raise ValueError(f"The prior template {template!r} must contain {{a}}, e.g. 'a photo of a {{a}}'.")
     return PairPrompt(template.format(a=concept), (concept,))
+
+
+def pair_words(prompt: str) -> list[str]:
+    """The two object words of a two-object prompt: 'a photo of a cat and a dog' -> ['cat', 'dog'].
+
+    The last word on each side of the first "and" / "with" (so "a red car" gives "car").
+    """
+    sides = re.split(r"\b(?:and|with)\b", prompt, maxsplit=1)
+    if len(sides) != 2 or not all(re.findall(r"\w+", side) for side in sides):
+        raise ValueError(f"{prompt!r} does not name two objects; write it as 'a X and a Y' (or 'a X with a Y').")
+    return [re.findall(r"\w+", side)[-1] for side in sides]
 
 
 class PairSampler:

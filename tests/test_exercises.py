@@ -186,3 +186,21 @@ def test_every_catalogued_mistake_is_caught_with_its_own_hint(mistakes, check):
         with pytest.raises(ExerciseError) as failure:
             check(mistake)
         assert str(failure.value).endswith("hint: " + hint), (hint, str(failure.value))
+
+
+def test_check_peaks_accepts_the_peak_and_explains_the_mean():
+    import torch
+
+    from sae_utils.exercises import check_peaks
+
+    maps = torch.rand(2, 2, 4, 4)
+    assert check_peaks(lambda m: m.amax(dim=(-2, -1)), maps) is True
+    with pytest.raises(ExerciseError, match="mean of each map"):
+        check_peaks(lambda m: m.mean(dim=(-2, -1)), maps)
+    with pytest.raises(ExerciseError, match=r"shape \(2, 2\)"):
+        check_peaks(lambda m: m.amax(), maps)
+
+    def not_done(m):
+        raise NotImplementedError
+
+    assert check_peaks(not_done, maps) is False

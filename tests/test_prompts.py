@@ -1,0 +1,48 @@
+import pytest
+
+from sae_utils.prompts import (PairSampler, attend_and_excite_prompts, attend_and_excite_words, multi_concept_eval_prompts,
+                               multi_concept_split, pair_prompt, pair_words)
+
+
+def test_pair_prompt_fills_the_template():
+    assert pair_prompt("cat", "dog").prompt == "a photo of a cat and a dog"
+    assert pair_prompt("cat", "crown", connector="with").words == ("cat", "crown")
+    with pytest.raises(ValueError, match=r"\{a\} and \{b\}"):
+        pair_prompt("cat", "dog", template="a photo of a {a}")
+
+
+def test_pair_words():
+    assert pair_words("a photo of a cat and a dog") == ["cat", "dog"]
+    assert pair_words("a monkey and a red car") == ["monkey", "car"]
+    assert pair_words("a horse with a glasses") == ["horse", "glasses"]
+    with pytest.raises(ValueError, match="two objects"):
+        pair_words("a photo of a cat")
+
+
+def test_samples_are_a_pure_function_of_seed_step_and_index():
+    sampler = PairSampler(concepts=["cat", "dog", "bird", "lion"], connectors=("and", "with"), shuffle_order=True)
+    batch = sampler.batch(seed=3, step=7, start=0, size=8)
+    assert batch == sampler.batch(seed=3, step=7, start=0, size=8)
+    assert batch[4:] == sampler.batch(seed=3, step=7, start=4, size=4)  # a process's slice of the global batch
+    assert batch != sampler.batch(seed=3, step=8, start=0, size=8)
+    assert all(p.words[0] != p.words[1] for p in batch)
+    assert {p.prompt.split()[5] for p in sampler.batch(0, 0, 0, 64)} == {"and", "with"}
+
+
+def test_fixed_pairs_and_their_prompts():
+    sampler = PairSampler(pairs=[("cat", "dog")], shuffle_order=True)
+    assert {p.prompt for p in sampler.all_prompts()} == {"a photo of a cat and a dog", "a photo of a dog and a cat"}
+    assert sampler.words == ["cat", "dog"]
+    with pytest.raises(ValueError, match="two different concepts"):
+        PairSampler(pairs=[("cat", "cat")])
+    with pytest.raises(ValueError, match="either"):
+        PairSampler(pairs=[("cat", "dog")], concepts=["cat", "dog"])
+
+
+def test_shipped_prompt_sets():
+    assert len(attend_and_excite_prompts()) == 276
+    assert [len(attend_and_excite_prompts(c)) for c in ("animals", "animals_objects", "objects")] == [66, 144, 66]
+    assert attend_and_excite_words("a monkey and a red car") == ("monkey", "car")
+    split = multi_concept_split()
+    assert len(split["seen"]) == 200 and len(split["unseen"]) == 20 and not set(split["seen"]) & set(split["unseen"])
+    assert len(multi_concept_eval_prompts()) == 200
