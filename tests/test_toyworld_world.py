@@ -1,0 +1,165 @@
+"""The toy world: kinds and words, scenes, rendering, captions, the pair split."""
+from __future__ import annotations
+
+import itertools
+import math
+import re
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from sae_utils.toyworld import world
+from sae_utils.toyworld.world import (
+    ALL_PAIRS, COLORS, HELD_OUT_PAIRS, KINDS, MARGIN, SEEN_PAIRS, ObjectSpec, Scene,
+    caption, make_rng, prompt_for, render, render_batch, sample_layout, sample_scene,
+)
+
+
+def test_every_kind_and_colour_word_is_one_clip_token():
+    from sae_utils.models import clip_tokenizer  # the real 49408-token SD tokenizer, offline
+    tok = clip_tokenizer()
+    assert len(tok) == 49408
+    for word in (*KINDS, *COLORS):
+        ids = tok(word).input_ids
+        assert len(ids) == 3, f"{word!r} is {tok.tokenize(word)}"  # <start> word <end>
+    # and in a prompt each object word is exactly one token
+    ids = tok(prompt_for(["star", "heart"])).input_ids
+    assert tok.convert_ids_to_tokens(ids[1:-1]) == ["a</w>", "photo</w>", "of</w>", "a</w>", "star</w>",
+                                                    "and</w>", "a</w>", "heart</w>"]
+
+
+def test_kinds_and_colours():
+    assert KINDS == ("circle", "square", "triangle", "star", "heart", "cross", "ring", "moon")
+    assert len(COLORS) >= 4
+    for rgb in COLORS.values():
+        assert min(rgb) <= 60 and max(rgb) >= 130, "a colour must be saturated and stand out on white"
+    rgbs = np.array(list(COLORS.values()), float)
+    gaps = [np.abs(a - b).sum() for a, b in itertools.combinations(rgbs, 2)]
+    assert min(gaps) > 150, "colours too close to tell apart"
+
+
+def test_same_seed_same_pixels_different_seed_different_pixels():
+    def images(seed):
+        rng = make_rng(seed)
+        return render_batch([sample_scene(rng, ["star", "moon"]) for _ in range(20)])
+    assert np.array_equal(images(3), images(3))
+    assert not np.array_equal(images(3), images(4))
+    assert np.array_equal(make_rng(3).random(4), np.random.default_rng(3).random(4))
+    draws = [make_rng(3, *stream).random(4) for stream in [(), (0,), (1,), (0, 0), (1, 0)]]
+    assert all(not np.array_equal(a, b) for a, b in itertools.combinations(draws, 2)), "streams must differ"
+
+
+def test_render_shape_dtype_background_and_batch():
+    scene = sample_scene(make_rng(0), ["cross", "ring"])
+    image = render(scene)
+    assert image.shape == (32, 32, 3) and image.dtype == np.uint8 and image.flags.writeable
+    assert (image.min(2) == 255).mean() > 0.5, "most of the image is white background"
+    assert np.array_equal(render_batch([scene, scene]), np.stack([image, image]))
+    assert render(scene, size=64).shape == (64, 64, 3)
+    assert render(Scene()).min() == 255
+    # scenes are size independent: a 64 px render shrunk by 2 is close to the 32 px render
+    big = render(scene, size=64).reshape(32, 2, 32, 2, 3).mean((1, 3))
+    assert np.abs(big - image.astype(float)).mean() < 3
+
+
+def test_objects_are_inside_and_apart():
+    rng = make_rng(1)
+    for _ in range(300):
+        n = int(rng.integers(1, 4))
+        scene = sample_scene(rng, list(rng.choice(KINDS, n)))
+        assert len(scene.objects) == n
+        for o in scene.objects:
+            assert o.radius <= o.cx <= 1 - o.radius and o.radius <= o.cy <= 1 - o.radius
+            assert abs(o.angle) <= world.MAX_ANGLE
+        for a, b in itertools.combinations(scene.objects, 2):
+            assert math.hypot(a.cx - b.cx, a.cy - b.cy) >= a.radius + b.radius + MARGIN - 1e-12
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_each_kind_is_drawn_inside_its_bounding_circle_in_its_colour(kind):
+    size = 64
+    for angle in (-20.0, 0.0, 20.0):
+        spec = ObjectSpec(kind, "blue", 0.45, 0.55, 0.25, angle)
+        image = render(Scene((spec,)), size).astype(int)
+        ink = (255 - image.min(2)) > 20
+        ys, xs = np.nonzero(ink)
+        dist = np.hypot(xs + 0.5 - spec.cx * size, ys + 0.5 - spec.cy * size)
+        assert dist.max() <= spec.radius * size + 1.0, f"{kind} spills out of its bounding circle"
+        assert ink.sum() > 0.2 * math.pi * (spec.radius * size) ** 2, f"{kind} is too thin to see"
+        solid = (np.abs(image - COLORS["blue"]).sum(2) < 10)
+        assert solid.sum() > 0.5 * ink.sum(), "the inside is the flat colour; only the edge is blended"
+
+
+def test_kinds_look_different():
+    images = [render(Scene((ObjectSpec(k, "red", 0.5, 0.5, 0.25, 0.0),))).astype(int) for k in KINDS]
+    for (a, ia), (b, ib) in itertools.combinations(zip(KINDS, images), 2):
+        assert np.abs(ia - ib).sum(2).astype(bool).mean() > 0.05, f"{a} and {b} render almost alike"
+
+
+def test_ring_has_a_hole_and_moon_an_opening():
+    ring = render(Scene((ObjectSpec("ring", "green", 0.5, 0.5, 0.28),)), 64)
+    assert ring[32, 32].min() == 255, "the ring's centre is background"
+    moon = render(Scene((ObjectSpec("moon", "green", 0.5, 0.5, 0.28),)), 64)
+    assert moon[32, 40].min() == 255 and moon[32, 20].max() < 200, "open on the right, solid on the left"
+
+
+def test_layout_errors_teach():
+    with pytest.raises(RuntimeError, match="could not place 12 objects"):
+        sample_layout(make_rng(0), 12, max_tries=5)
+    with pytest.raises(ValueError, match="known kinds: circle, square"):
+        sample_scene(make_rng(0), ["dog"])
+    with pytest.raises(ValueError, match="known colours"):
+        ObjectSpec("star", "teal", 0.5, 0.5, 0.2)
+
+
+def test_caption_grammar():
+    star = ObjectSpec("star", "red", 0.3, 0.3, 0.2)
+    heart = ObjectSpec("heart", "orange", 0.7, 0.7, 0.2)
+    ring = ObjectSpec("ring", "blue", 0.3, 0.75, 0.2)
+    assert caption(Scene((star,))) == "a photo of a star"
+    assert caption(Scene((star, heart))) == "a photo of a star and a heart"
+    assert caption(Scene((heart, star))) == "a photo of a heart and a star", "order follows the scene"
+    assert caption(Scene((star, heart, ring))) == "a photo of a star, a heart and a ring"
+    assert caption(Scene((star, heart)), make_rng(0), p_color=1.0) == "a photo of a red star and an orange heart"
+    assert caption(Scene()) == "a blank photo"
+    assert prompt_for(["star", "heart"]) == caption(Scene((star, heart)))
+    with pytest.raises(ValueError, match="pass rng"):
+        caption(Scene((star,)), p_color=0.5)
+    with pytest.raises(ValueError, match="known kinds"):
+        prompt_for(["star", "dog"])
+
+
+def test_colour_words_appear_independently_at_rate_p_color():
+    rng = make_rng(5)
+    scene = sample_scene(rng, ["cross", "moon"])
+    pattern = re.compile(r"^a photo of an? (?:(\w+) )?cross and an? (?:(\w+) )?moon$")
+    named = Counter()
+    for _ in range(2000):
+        m = pattern.match(caption(scene, rng, p_color=0.3))
+        assert m, "caption outside the grammar"
+        for i, obj in enumerate(scene.objects):
+            if m.group(i + 1):
+                assert m.group(i + 1) == obj.color
+                named[i] += 1
+    assert all(abs(named[i] / 2000 - 0.3) < 0.04 for i in (0, 1))
+
+
+def test_pair_split_is_frozen_and_two_regular():
+    assert len(ALL_PAIRS) == 28 and len(set(ALL_PAIRS)) == 28
+    assert len(HELD_OUT_PAIRS) == 8 and len(SEEN_PAIRS) == 20
+    assert set(HELD_OUT_PAIRS) | set(SEEN_PAIRS) == set(ALL_PAIRS)
+    assert not set(HELD_OUT_PAIRS) & set(SEEN_PAIRS)
+    degree = Counter(k for pair in HELD_OUT_PAIRS for k in pair)
+    assert degree == {k: 2 for k in KINDS}, "every kind is held out in exactly two pairs"
+    # one 8-cycle, not two 4-cycles: walking the held-out pairs from any kind visits all kinds
+    seen, frontier = set(), ["circle"]
+    while frontier:
+        k = frontier.pop()
+        seen.add(k)
+        frontier += [b if a == k else a for a, b in HELD_OUT_PAIRS if k in (a, b) and ({a, b} - seen)]
+    assert seen == set(KINDS)
+    for look_alike in (("circle", "ring"), ("circle", "moon"), ("ring", "moon")):
+        assert look_alike in SEEN_PAIRS
+    assert HELD_OUT_PAIRS == (("circle", "triangle"), ("circle", "star"), ("square", "ring"), ("square", "moon"),
+                              ("triangle", "heart"), ("star", "ring"), ("heart", "cross"), ("cross", "moon"))
