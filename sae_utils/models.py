@@ -19,6 +19,8 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
+
+from . import _environment  # noqa: F401  (before diffusers: quiets an expected transformers notice)
 from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
