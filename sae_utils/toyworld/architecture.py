@@ -56,7 +56,9 @@ def training_scheduler() -> DDPMScheduler:
 
 
 def sampling_scheduler() -> DDIMScheduler:
-    return DDIMScheduler(**NOISE_SCHEDULE, timestep_spacing="trailing", set_alpha_to_one=True, clip_sample=False)
+    # steps_offset is unused with "trailing" spacing; 1 keeps the pipeline from warning about old configs
+    return DDIMScheduler(**NOISE_SCHEDULE, timestep_spacing="trailing", set_alpha_to_one=True, clip_sample=False,
+                         steps_offset=1)
 
 
 def assemble_pipeline(vae, unet, text_encoder) -> StableDiffusionPipeline:

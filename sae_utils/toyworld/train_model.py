@@ -57,7 +57,7 @@ class ToyTrainConfig:
     bf16: bool = True  # autocast on the CPU too (AVX512-BF16 CPUs gain ~1.4x)
     threads: int = 0  # 0: torch's default
     checkpoint_every: int = 250
-    eval_every: int = 2000
+    eval_every: int = 2000  # 0: no monitoring samples
     eval_images: int = 48
     extra: dict = field(default_factory=dict)
 
@@ -187,7 +187,7 @@ class ToyTrainer:
             self.history.append({"step": self.step, "loss": round(loss.item(), 5)})
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.4f}")
-            if self.step % c.eval_every == 0 or self.step == c.steps:
+            if c.eval_every and (self.step % c.eval_every == 0 or self.step == c.steps):
                 self.evaluate()
             if self.step % c.checkpoint_every == 0 or self.step == c.steps:
                 self._save()
