@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Re-measure the training step on a GPU machine in a few minutes (see benchmarks/README.md).
-# Needs python3 with a CUDA torch, transformers, accelerate, safetensors. diffusers and open-clip-torch are
-# installed from wheels in .whl/ when present (a machine without internet), else expected installed.
+# Needs python3 with a CUDA torch, transformers, accelerate, safetensors. diffusers is installed from a wheel
+# in .whl/ when present (a machine without internet), else expected installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if compgen -G ".whl/*.whl" > /dev/null; then

@@ -56,16 +56,11 @@ class ModelNotAvailableError(RuntimeError):
 def clip_tokenizer() -> CLIPTokenizer:
     """The CLIP BPE tokenizer of Stable Diffusion v1 (49408 tokens), built offline.
 
-    Built from the BPE merges file that the `open-clip-torch` wheel ships, so no download is needed. The
-    package is only read, never imported (importing it needs torchvision); install it with
-    `pip install --no-deps open-clip-torch`.
+    Built from CLIP's byte-pair merges, shipped in sae_utils/data (MIT, OpenAI; see NOTICE.md), the way
+    CLIP builds its vocabulary: 256 byte symbols, the same with the end-of-word mark, one token per merge,
+    and the start and end tokens.
     """
-    spec = importlib.util.find_spec("open_clip")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelNotAvailableError(
-            "The offline CLIP tokenizer needs the BPE file shipped by open-clip-torch. Install it without its "
-            "dependencies (they pull torchvision): pip install --no-deps open-clip-torch")
-    bpe_path = Path(spec.submodule_search_locations[0]) / "bpe_simple_vocab_16e6.txt.gz"
+    bpe_path = Path(__file__).parent / "data" / "bpe_simple_vocab_16e6.txt.gz"
     lines = gzip.open(bpe_path).read().decode("utf-8").split("\n")
     merges = [tuple(line.split()) for line in lines[1:49152 - 256 - 2 + 1]]  # the 48894 merges CLIP uses
     from transformers.convert_slow_tokenizer import bytes_to_unicode

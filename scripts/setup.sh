@@ -15,7 +15,8 @@ fi
 constraints=$(mktemp)
 python -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > "$constraints"
 pip_install -c "$constraints" -e ".[test,notebooks,eval]"
-# The offline CLIP tokenizer reads the BPE file of open-clip-torch; its dependencies would pull torchvision.
+# Tests only: one test checks the CLIP templates against open_clip's copy (its dependencies would pull
+# torchvision, hence --no-deps).
 pip_install --no-deps open-clip-torch
 rm -f "$constraints"
 python -c "import sae_utils, torch, diffusers, transformers; print(f'sae_utils ready: torch {torch.__version__}, diffusers {diffusers.__version__}, transformers {transformers.__version__}')"
