@@ -427,3 +427,14 @@ def test_evaluate_images_gives_one_record_per_image(clip, blip, owl):
     table = summarise(records, by=["method"], unit="prompt", n_boot=50)
     assert {"clip_full", "clip_min_object", "blip_similarity", "objects_found", "success"} <= set(table.columns)
     assert "threshold" not in table.columns
+
+
+def test_wilson_interval_known_values():
+    from sae_utils.evaluation import wilson_interval
+
+    rate, low, high = wilson_interval(20, 100)
+    assert rate == 0.2 and low == pytest.approx(0.1333, abs=1e-4) and high == pytest.approx(0.2888, abs=1e-4)
+    assert wilson_interval(0, 10)[1] == 0.0 and wilson_interval(10, 10)[2] == 1.0
+    assert wilson_interval(0, 10)[2] == pytest.approx(0.2775, abs=1e-4)  # not the degenerate [0, 0]
+    with pytest.raises(ValueError, match="successes"):
+        wilson_interval(11, 10)

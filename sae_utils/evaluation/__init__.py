@@ -29,5 +29,5 @@ from sae_utils.evaluation.images import to_pil_images
 from sae_utils.evaluation.loading import (DEFAULT_BLIP, DEFAULT_CLIP, DEFAULT_DETECTOR, MetricModelNotAvailable,
                                           MetricModels, load_blip, load_clip, load_detector, load_metric_models)
 from sae_utils.evaluation.metrics import evaluate_images
-from sae_utils.evaluation.stats import bootstrap_ci, summarise
+from sae_utils.evaluation.stats import bootstrap_ci, summarise, wilson_interval
 from sae_utils.evaluation.subprompts import IMAGENET_TEMPLATES, ensemble_texts, object_subprompts

@@ -18,6 +18,27 @@ ID_COLUMNS = ("image", "seed", "threshold")  # numeric, but labels or settings: 
 _CHUNK = 200  # bootstrap resamples drawn at once: bounds memory at _CHUNK * n indices
 
 
+def wilson_interval(successes: int, n: int, level: float = 0.95) -> tuple[float, float, float]:
+    """(rate, low, high): a success rate and its Wilson score interval.
+
+    For rates of yes/no outcomes (both objects present, or not): unlike the normal approximation it stays
+    inside [0, 1] and is honest near 0 and 1 and for small n.
+    """
+    if n <= 0 or not 0 <= successes <= n:
+        raise ValueError(f"Need 0 <= successes <= n and n > 0; got {successes} of {n}.")
+    if not 0 < level < 1:
+        raise ValueError(f"level is a coverage probability in (0, 1), e.g. 0.95; got {level}.")
+    from statistics import NormalDist
+
+    z = NormalDist().inv_cdf(0.5 + level / 2)
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    low = 0.0 if successes == 0 else float(max(0.0, centre - half))  # exact ends, not round-off
+    high = 1.0 if successes == n else float(min(1.0, centre + half))
+    return p, low, high
+
+
 def bootstrap_ci(values: Iterable[float], n_boot: int = 1000, seed: int = 0,
                  level: float = 0.95) -> tuple[float, float, float]:
     """(mean, low, high): the sample mean and the percentile bootstrap interval of the mean.
