@@ -154,8 +154,8 @@ class Finetuner:
         self.config = config
         self.state = PartialState(cpu=config.device == "cpu" or not torch.cuda.is_available())
         device = self.state.device if config.device in ("auto", "cuda") else torch.device(config.device)
-        self.precision = _resolve_precision(config.mixed_precision, device)
-        self.weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[self.precision]
+        self.precision = _resolve_precision(config.mixed_precision, device, pipeline)
+        self.weight_dtype = PRECISION_DTYPES[self.precision]
         self.pipe = pipeline if pipeline is not None else load_pipeline(config.model, device=device,
                                                                          dtype=self.weight_dtype)
         self.pipe.to(device)
@@ -613,14 +613,29 @@ def heldout_losses(finetuner: Finetuner, samples: Sequence[PairPrompt], seeds: S
     return {k: round(torch.cat(v).mean().item(), 6) for k, v in totals.items()}
 
 
-def _resolve_precision(mixed_precision: str, device: torch.device) -> str:
-    if mixed_precision != "auto":
-        if mixed_precision != "no" and device.type == "cpu" and mixed_precision == "fp16":
-            raise ValueError("fp16 training on the CPU is not supported; use 'bf16' or 'no'.")
-        return mixed_precision
-    if device.type == "cuda":
+PRECISION_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _resolve_precision(mixed_precision: str, device: torch.device, pipeline=None) -> str:
+    """The precision to train in. With a given pipeline, "auto" follows its dtype, and a precision that
+    disagrees with it is refused (the frozen weights stay in the pipeline's dtype; mixing breaks sampling)."""
+    if pipeline is not None:
+        dtype = pipeline.unet.dtype
+        follows = {dtype: name for name, dtype in PRECISION_DTYPES.items()}[dtype]
+        if mixed_precision == "auto":
+            mixed_precision = follows
+        elif PRECISION_DTYPES[mixed_precision] != dtype:
+            raise ValueError(
+                f"The pipeline is in {dtype} but mixed_precision={mixed_precision!r} trains in "
+                f"{PRECISION_DTYPES[mixed_precision]}: load the pipeline with dtype={PRECISION_DTYPES[mixed_precision]}, "
+                f"or pass mixed_precision={follows!r} (or 'auto').")
+    elif mixed_precision == "auto":
+        if device.type != "cuda":
+            return "no"
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "no"
+    if mixed_precision == "fp16" and device.type == "cpu":
+        raise ValueError("fp16 training on the CPU is not supported; use a bfloat16 or float32 pipeline.")
+    return mixed_precision
 
 
 def _training_scheduler(pipe):

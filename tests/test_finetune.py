@@ -179,3 +179,13 @@ def test_two_processes_match_one(tmp_path):
     losses = [[h["loss"] for h in json.loads((tmp_path / d / "history.json").read_text()) if "loss" in h]
               for d in ("one", "two")]
     assert losses[0] == pytest.approx(losses[1], abs=2e-6)
+
+
+def test_auto_precision_follows_a_given_pipeline_and_a_mismatch_is_refused():
+    pipe = tiny_pipeline().to(dtype=torch.bfloat16)
+    assert Finetuner(config(), pipeline=pipe).precision == "bf16"
+    with pytest.raises(ValueError, match="pipeline is in torch.float32 but mixed_precision='bf16'"):
+        Finetuner(config(mixed_precision="bf16"), pipeline=tiny_pipeline())
+    finetuner = Finetuner(config(steps=1), pipeline=tiny_pipeline().to(dtype=torch.bfloat16))
+    finetuner.train(progress=False)
+    assert {p.dtype for p in finetuner.unet.parameters()} == {torch.bfloat16}  # one dtype again: plain sampling works

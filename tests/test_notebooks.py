@@ -48,7 +48,9 @@ def test_notebook_has_badge_parameters_and_setup(path):
 
 @pytest.mark.notebook
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_executes(path, tmp_path):
+def test_notebook_executes(path, tmp_path, monkeypatch):
+    # one thread per kernel: tiny's kernels are small, and on a shared CPU extra threads mostly wait
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     parameters = {**CI_PARAMETERS, **CI_PARAMETERS_PER_NOTEBOOK.get(path.stem, {})}
     papermill.execute_notebook(str(path), str(tmp_path / path.name), parameters=parameters, kernel_name="python3",
                                cwd=str(NOTEBOOK_DIR), progress_bar=False)
