@@ -91,10 +91,84 @@ def finetune_main(argv=None) -> None:
         print(f"delta written to {result.output_dir / 'delta.safetensors'}")
 
 
+# ----------------------------------------------------------------------------------------------------------
+# sae-generate
+# ----------------------------------------------------------------------------------------------------------
+def generate_main(argv=None) -> None:
+    from .sampling import GenerationConfig, generate
+
+    parser = argparse.ArgumentParser(
+        prog="sae-generate", description="Images for prompts x seeds (plain, with a delta, or a test-time method), "
+        "with metadata; resumable. Several processes: accelerate launch --num_processes N -m sae_utils generate ... "
+        "(GPUs); on CPUs, torchrun --nproc_per_node N -m sae_utils generate ... (accelerate's --cpu runs one)",
+        epilog="Example: sae-generate --model toy --prompt-set toy/held-out --num-seeds 16 --output-dir runs/toy-sd")
+    parser.add_argument("--config", help="a JSON file with GenerationConfig fields (flags override it)")
+    add_dataclass_arguments(parser, GenerationConfig)
+    args = parser.parse_args(argv)
+    base = json.loads(Path(args.config).read_text()) if args.config else {}
+    given = {k: v for k, v in vars(args).items() if parser.get_default(k) != v}
+    config = dataclass_from_arguments(GenerationConfig, argparse.Namespace(**{**vars(parser.parse_args([])), **base,
+                                                                              **given}))
+    summary = generate(config)
+    print(f"{summary.generated} images generated, {summary.skipped} already there, in {summary.output_dir} "
+          f"({summary.seconds:.1f} s)")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# sae-evaluate
+# ----------------------------------------------------------------------------------------------------------
+def evaluate_main(argv=None) -> None:
+    from .models import ModelNotAvailableError
+    from .results import compare_runs, evaluate_run, format_summary, parse_metrics
+
+    parser = argparse.ArgumentParser(
+        prog="sae-evaluate", description="Score finished generation runs: scores.csv, summary.csv/json with 95 % "
+        "bootstrap intervals, bar charts and image grids in each run folder; with several folders, a comparison.",
+        epilog="Example: sae-evaluate runs/toy-sd runs/toy-sepen --metrics toy --compare-dir runs/comparison")
+    parser.add_argument("output_dirs", nargs="+", metavar="OUTPUT_DIR", help="run folders written by sae-generate")
+    parser.add_argument("--metrics", required=True,
+                        help="'toy' (the toy world's exact evaluator) or any of 'clip,blip,detection'")
+    parser.add_argument("--clip", help="CLIP model: hub id or local folder (default: openai/clip-vit-base-patch16)")
+    parser.add_argument("--blip", help="BLIP captioner (default: Salesforce/blip-image-captioning-base)")
+    parser.add_argument("--detector", help="OWLv2 / OWL-ViT detector (default: google/owlv2-base-patch16-ensemble)")
+    parser.add_argument("--threshold", type=float, help="detector confidence threshold (default: the metric's)")
+    parser.add_argument("--toy-threshold", type=float, default=0.5, help="toy evaluator threshold (default: 0.5)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (default: 1000)")
+    parser.add_argument("--compare-dir", help="where the comparison of several runs goes (default: "
+                        "'comparison' next to the first run)")
+    parser.add_argument("--no-figures", action="store_true", help="tables only, no bar charts or grids")
+    args = parser.parse_args(argv)
+    try:
+        metrics = parse_metrics(args.metrics)
+        models = None
+        if any(m in metrics for m in ("clip", "blip", "detection")):
+            from .evaluation import load_metric_models
+            from .evaluation.loading import DEFAULT_BLIP, DEFAULT_CLIP, DEFAULT_DETECTOR
+
+            wants_clip = "clip" in metrics or "blip" in metrics  # BLIP's score compares captions in CLIP space
+            models = load_metric_models(clip=(args.clip or DEFAULT_CLIP) if wants_clip else None,
+                                        blip=(args.blip or DEFAULT_BLIP) if "blip" in metrics else None,
+                                        detector=(args.detector or DEFAULT_DETECTOR) if "detection" in metrics
+                                        else None, device=args.device)
+        for folder in args.output_dirs:
+            summary = evaluate_run(folder, metrics, n_boot=args.n_boot, figures=not args.no_figures, models=models,
+                                   threshold=args.threshold, toy_threshold=args.toy_threshold,
+                                   batch_size=args.batch_size)
+            print(f"== {folder}\n{format_summary(summary)}")
+        if len(args.output_dirs) > 1:
+            summary = compare_runs(args.output_dirs, args.compare_dir, n_boot=args.n_boot,
+                                   figures=not args.no_figures)
+            print(f"== comparison\n{format_summary(summary)}")
+    except (ModelNotAvailableError, FileNotFoundError, ValueError) as error:  # their messages say what to do
+        raise SystemExit(f"sae-evaluate: {error}") from error
+
+
 def main(argv=None) -> None:
     """`python -m sae_utils COMMAND ...`"""
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"finetune": finetune_main}
+    commands = {"finetune": finetune_main, "generate": generate_main, "evaluate": evaluate_main}
     if not argv or argv[0] not in commands:
         print(f"usage: python -m sae_utils {{{','.join(commands)}}} [options]   (--help after a command)")
         raise SystemExit(2)
