@@ -1,7 +1,13 @@
-"""The main command: `sae-demo` (or `python -m sae_utils demo`, or `bash scripts/demo.sh` on a fresh machine).
+"""The main command: Separate-and-Enhance on the toy model, measured, on a CPU in minutes.
 
-Until the toy model ships, it runs notebook 01 end to end (on `tiny`, offline, or on a real model when one is
-reachable) and writes the executed notebook to the output folder.
+    bash scripts/demo.sh                 # fresh machine: set-up, then this
+    sae-demo --out outputs/demo          # (or python -m sae_utils.demo)
+
+It loads the toy model shipped in the repository, measures how often it shows both shapes of a held-out
+pair (pairs it never saw together) and how well it draws single shapes, finetunes the cross-attention keys
+with the Separate and Enhance losses (one delta per held-out pair, as in the paper), measures again on the
+same seeds, and writes a report: out/report.md (table, image grids, attention maps, chart) and results.json.
+The full protocol, with more images per condition and the ablation, is `python -m sae_utils.toyworld.study`.
 """
 from __future__ import annotations
 
@@ -9,31 +15,48 @@ import argparse
 import time
 from pathlib import Path
 
-NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
-
-
-def run_notebook(name: str, out: Path, **parameters) -> Path:
-    import papermill
-
-    source = NOTEBOOKS / name
-    if not source.exists():
-        raise FileNotFoundError(f"{source} not found: the demo runs from a clone of the repository.")
-    out.mkdir(parents=True, exist_ok=True)
-    papermill.execute_notebook(str(source), str(out / name), parameters=parameters, kernel_name="python3",
-                               cwd=str(NOTEBOOKS), progress_bar=False)
-    return out / name
+import torch
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="sae-demo", description=__doc__)
-    parser.add_argument("--out", default="outputs/demo", help="output folder")
-    parser.add_argument("--model", default="tiny", help="tiny (offline), or a hub id / local folder of SD")
-    parser.add_argument("--device", default="auto")
+    from .models import load_pipeline
+    from .toyworld.report import write_report
+    from .toyworld.study import StudySettings, ToyStudy, report_table
+
+    parser = argparse.ArgumentParser(prog="sae-demo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="outputs/demo", help="output folder (default: outputs/demo)")
+    parser.add_argument("--model", default="toy", help="the toy model (default) or a folder of another toy model")
+    parser.add_argument("--images-per-pair", type=int, default=16, help="seeds per held-out pair (8 pairs)")
+    parser.add_argument("--images-per-kind", type=int, default=8, help="seeds per single shape (8 kinds)")
+    parser.add_argument("--steps", type=int, default=None, help="finetuning steps per pair (default: the study's)")
+    parser.add_argument("--learning-rate", type=float, default=None, help="per sample (default: the study's)")
+    parser.add_argument("--num-inference-steps", type=int, default=None, help="sampler steps (default: the model's)")
     args = parser.parse_args(argv)
+
     start = time.perf_counter()
-    path = run_notebook("01_cross_attention_maps.ipynb", Path(args.out), model=args.model, device=args.device,
-                        interactive=False, **({"num_inference_steps": 4} if args.model == "tiny" else {}))
-    print(f"executed notebook written to {path} in {time.perf_counter() - start:.0f} s")
+    settings = StudySettings(single_per_kind=args.images_per_kind, pair_per_prompt=args.images_per_pair)
+    settings.finetune |= {k: v for k, v in (("steps", args.steps), ("learning_rate", args.learning_rate)) if v}
+    if args.num_inference_steps:
+        settings.sampling["num_inference_steps"] = args.num_inference_steps
+    pipe = load_pipeline(args.model, device="cpu")
+    study = ToyStudy(pipe, settings)
+    print("1/3 measuring the base model ...")
+    study.measure("base", sets=("single", "held_out"))
+    print("2/3 finetuning the keys, one delta per held-out pair, and measuring again ...")
+    study.single_pair("SepEn (K)")
+    print("3/3 writing the report ...")
+    minutes = (time.perf_counter() - start) / 60
+    notes = (f"The toy model, {args.images_per_pair} seeds per held-out pair (8 pairs) and {args.images_per_kind} per "
+             f"single shape (8 kinds) for the base model; with SepEn, each pair's own delta, the same seeds. "
+             f"Finetuning: {settings.finetune}. A smaller sample than the full protocol "
+             f"(`python -m sae_utils.toyworld.study`: 32 seeds per pair). Ran in {minutes:.1f} minutes on "
+             f"{torch.get_num_threads()} CPU threads.")
+    report = write_report(study, Path(args.out), "Separate-and-Enhance on the toy model", notes)
+    print("\n" + report_table(study.results))
+    for key, d in study.results["differences"].items():
+        print(f"{key}: {d['points']:+.1f} points [{d['low']:+.1f}, {d['high']:+.1f}]")
+    print(f"\nreport: {report} ({minutes:.1f} minutes)")
 
 
 if __name__ == "__main__":

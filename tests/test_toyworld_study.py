@@ -52,3 +52,15 @@ def test_a_single_pair_condition_restores_the_base_model(micro_toy):
     assert condition["held_out"]["all_present"]["n"] == len(HELD_OUT_PAIRS)
     assert condition["single"]["all_present"]["n"] == 8 * 8  # every delta is checked on all 8 kinds
     assert "| sepen |" in report_table(study.results)
+
+
+def test_the_demo_writes_its_report(micro_toy, tmp_path):
+    from sae_utils.demo import main
+
+    main(["--model", str(micro_toy.name_or_path), "--out", str(tmp_path), "--images-per-pair", "1", "--images-per-kind",
+          "1", "--steps", "2", "--num-inference-steps", "2"])
+    report = (tmp_path / "report.md").read_text()
+    assert "| base |" in report and "| SepEn (K) |" in report and "held-out pairs: both present" in report
+    results = __import__("json").loads((tmp_path / "results.json").read_text())
+    assert set(results["differences"]) == {"single", "held_out"}
+    assert {"rates.png", "held_out_pairs.png", "attention.png"} <= {p.name for p in tmp_path.iterdir()}

@@ -125,12 +125,18 @@ class ToyStudy:
     def __init__(self, pipe, settings: StudySettings, progress: bool = True):
         self.pipe, self.settings, self.progress = pipe, settings, progress
         self.results: dict = {"settings": dataclasses.asdict(settings), "conditions": {}}
+        self.samples: dict[str, dict[str, Samples]] = {}  # condition -> evaluation set -> the images and maps
 
-    def measure(self, sets: Sequence[str] = ("single", "seen", "held_out")) -> dict:
+    def measure(self, name: str = "base", sets: Sequence[str] = ("single", "seen", "held_out")) -> dict:
+        """Measure the pipeline as it is now, on the chosen evaluation sets; recorded as condition `name`."""
         s = self.settings
         per = {"single": s.single_per_kind, "seen": s.seen_per_prompt, "held_out": s.pair_per_prompt}
-        return {name: score(sample(self.pipe, *eval_set(name, per[name]), batch_size=s.batch_size,
-                                   progress=self.progress, **s.sampling)) for name in sets}
+        self.samples[name] = {which: sample(self.pipe, *eval_set(which, per[which]), batch_size=s.batch_size,
+                                            progress=self.progress, capture=which != "single", **s.sampling)
+                              for which in sets}
+        condition = {which: score(samples) for which, samples in self.samples[name].items()}
+        self.results["conditions"][name] = condition
+        return condition
 
     def train_delta(self, pairs=None, concepts=None, **overrides) -> Delta:
         """Finetune from the base weights and return the delta; the pipeline is left as it was."""
@@ -156,8 +162,9 @@ class ToyStudy:
                 kinds, seeds = eval_set("single", max(1, s.single_per_kind // len(HELD_OUT_PAIRS)))
                 single_samples.append(sample(self.pipe, kinds, seeds, batch_size=s.batch_size, capture=False,
                                              **s.sampling))
-        condition = {"held_out": score(_concat(pair_samples)), "single": score(_concat(single_samples)),
-                     "finetune": {**s.finetune, **overrides, "protocol": "single-pair", "train_seconds": round(seconds)}}
+        self.samples[name] = {"held_out": _concat(pair_samples), "single": _concat(single_samples)}
+        condition = {which: score(samples) for which, samples in self.samples[name].items()}
+        condition["finetune"] = {**s.finetune, **overrides, "protocol": "single-pair", "train_seconds": round(seconds)}
         self.results["conditions"][name] = condition
         return condition
 
@@ -168,10 +175,9 @@ class ToyStudy:
                                  **{**self.settings.multi_pair, "shuffle_order": True, **overrides})
         seconds = time.perf_counter() - start
         with apply_delta(self.pipe, delta):
-            condition = self.measure()
+            condition = self.measure(name)
         condition["finetune"] = {**self.settings.multi_pair, **overrides, "protocol": "multi-pair",
                                  "train_seconds": round(seconds)}
-        self.results["conditions"][name] = condition
         return condition
 
 
@@ -212,7 +218,7 @@ def main(argv=None) -> None:
     study = ToyStudy(pipe, settings)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    study.results["conditions"]["base"] = study.measure()
+    study.measure("base")
     study.single_pair("sepen (K)")
     study.multi_pair("sepen multi-pair (K, norm loss)")
     for name, overrides in {"separate only": dict(lambda_en=0.0), "enhance only": dict(lambda_sep=0.0),

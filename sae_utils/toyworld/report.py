@@ -1,0 +1,136 @@
+"""The toy study's report: a table, image grids and attention maps for the same seeds, a chart, JSON.
+
+    write_report(study, out_dir, title)     # out_dir/report.md, results.json, *.png
+
+Before/after comparisons use the same seeds, so a column of a grid is one seed drawn by both models.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # the report is written to files, also on machines without a display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from .evaluator import objects_present  # noqa: E402
+from .study import Samples, ToyStudy, report_table  # noqa: E402
+
+SETS = {"single": "single-object correct", "seen": "seen pairs: both present", "held_out": "held-out pairs: both present"}
+
+
+def _select(samples: Samples, kinds: list[str], count: int) -> list[int]:
+    return [i for i, k in enumerate(samples.kinds) if k == kinds][:count]
+
+
+def comparison_grid(before: Samples, after: Samples, path: Path, labels=("base", "SepEn"), per_pair: int = 6) -> Path:
+    """For each pair: a row of images before, a row after, the same seeds; a red frame = an object is missing."""
+    pairs = list(dict.fromkeys(tuple(k) for k in after.kinds))
+    fig, axes = plt.subplots(2 * len(pairs), per_pair, figsize=(per_pair * 1.1, 2 * len(pairs) * 1.2), squeeze=False)
+    for row, pair in enumerate(pairs):
+        for offset, (samples, label) in enumerate(zip((before, after), labels)):
+            index = _select(samples, list(pair), per_pair)
+            present = objects_present(samples.images[index], [list(pair)] * len(index)).all(dim=1) if index else []
+            for column in range(per_pair):
+                ax = axes[2 * row + offset, column]
+                ax.set_xticks([]), ax.set_yticks([])
+                if column < len(index):
+                    ax.imshow(samples.images[index[column]], interpolation="nearest")
+                    colour = "tab:green" if present[column] else "tab:red"
+                    for spine in ax.spines.values():
+                        spine.set_edgecolor(colour), spine.set_linewidth(2.5)
+                if column == 0:
+                    ax.set_ylabel(f"{label}\n{' + '.join(pair)}", fontsize=7)
+    fig.suptitle("same seeds, before and after (green: both objects found, red: one missing)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def attention_grid(before: Samples, after: Samples, path: Path, labels=("base", "SepEn")) -> Path:
+    """For each pair, the first seed: the two objects' 16x16 maps as red and blue, before and after."""
+    pairs = list(dict.fromkeys(tuple(k) for k in after.kinds))
+    fig, axes = plt.subplots(len(pairs), 4, figsize=(4 * 1.4, len(pairs) * 1.4), squeeze=False)
+    for row, pair in enumerate(pairs):
+        for offset, (samples, label) in enumerate(zip((before, after), labels)):
+            i = _select(samples, list(pair), 1)[0]
+            maps = samples.word_maps[i].float()  # (2, 16, 16)
+            scale = maps.max().clamp_min(1e-12)
+            colour = np.stack([maps[0] / scale, np.zeros_like(maps[0]), maps[1] / scale], axis=-1)
+            axes[row, 2 * offset].imshow(samples.images[i], interpolation="nearest")
+            axes[row, 2 * offset + 1].imshow(colour.clip(0, 1), interpolation="nearest")
+            axes[row, 2 * offset + 1].set_title(f"{label}: peaks {maps[0].max():.2f}/{maps[1].max():.2f}", fontsize=6)
+            if offset == 0:
+                axes[row, 0].set_ylabel(f"red {pair[0]}\nblue {pair[1]}", fontsize=7)
+    for ax in axes.flat:
+        ax.set_xticks([]), ax.set_yticks([])
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def rates_chart(results: dict, path: Path) -> Path:
+    """Each condition's rates with their 95 % intervals."""
+    conditions = list(results["conditions"])
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    width = 0.8 / len(SETS)
+    for k, (key, label) in enumerate(SETS.items()):
+        xs, ys, errors = [], [], []
+        for c, name in enumerate(conditions):
+            entry = results["conditions"][name].get(key, {}).get("all_present")
+            if entry:
+                xs.append(c + (k - 1) * width), ys.append(entry["rate"])
+                errors.append([entry["rate"] - entry["low"], entry["high"] - entry["rate"]])
+        if xs:
+            ax.bar(xs, ys, width, yerr=np.array(errors).T, capsize=3, label=label)
+    ax.set_xticks(range(len(conditions)), conditions, fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("rate (95 % interval)")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def difference(base: dict, after: dict) -> dict:
+    """after - base of a rate, in points, with a conservative interval (the difference of the two intervals)."""
+    return {"points": round(100 * (after["rate"] - base["rate"]), 1),
+            "low": round(100 * (after["low"] - base["high"]), 1), "high": round(100 * (after["high"] - base["low"]), 1)}
+
+
+def write_report(study: ToyStudy, out: Path, title: str, notes: str = "", compare: str | None = None) -> Path:
+    """report.md + results.json + figures in `out`; `compare` names the condition set against "base"."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = study.results
+    compare = compare or [name for name in results["conditions"] if name != "base"][0]
+    base, after = results["conditions"]["base"], results["conditions"][compare]
+    results["differences"] = {key: difference(base[key]["all_present"], after[key]["all_present"])
+                              for key in SETS if key in base and key in after}
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    figures = [rates_chart(results, out / "rates.png")]
+    if "held_out" in study.samples.get("base", {}) and "held_out" in study.samples.get(compare, {}):
+        before, later = study.samples["base"]["held_out"], study.samples[compare]["held_out"]
+        figures += [comparison_grid(before, later, out / "held_out_pairs.png", ("base", compare)),
+                    attention_grid(before, later, out / "attention.png", ("base", compare))]
+    lines = [f"# {title}", "", notes, "", report_table(results), "",
+             "Rates: share of images where the toy world's evaluator finds every named shape; 95 % Wilson "
+             "intervals; n = images. Weaker peak / overlap: the two objects' 16x16 cross-attention maps "
+             "(peak of the weaker one, soft IoU of the peak-normalised maps), averaged over images.", "",
+             f"Change with `{compare}` (points, with a conservative interval):", ""]
+    lines += [f"- {SETS[key]}: {d['points']:+.1f} [{d['low']:+.1f}, {d['high']:+.1f}]"
+              for key, d in results["differences"].items()]
+    lines += [""] + [f"![{f.stem}]({f.name})" for f in figures] + [""]
+    per_pair = after.get("held_out", {}).get("per_prompt", {})
+    if per_pair:
+        lines += ["Both present, per held-out pair (base -> after):", "", "| pair | base | after |", "|---|---|---|"]
+        lines += [f"| {pair} | {base['held_out']['per_prompt'].get(pair, '')} | {rate} |"
+                  for pair, rate in per_pair.items()]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    return out / "report.md"
+
