@@ -12,6 +12,7 @@ COLAB = "https://colab.research.google.com/github/"
 # What CI passes to every notebook, then per notebook: small sizes so the whole set runs in minutes.
 CI_PARAMETERS = {"model": "tiny", "device": "cpu", "interactive": False}
 CI_PARAMETERS_PER_NOTEBOOK = {
+    "00_toy_world": {"images_per_prompt": 1, "num_inference_steps": 4},
     "01_cross_attention_maps": {"num_inference_steps": 4},
     "02_separate_and_enhance_losses": {"num_inference_steps": 4, "use_reference_solution": True},
     "03_finetune": {"num_inference_steps": 4, "steps": 6},
