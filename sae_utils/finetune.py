@@ -19,7 +19,6 @@ import contextlib
 import csv
 import dataclasses
 import json
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path

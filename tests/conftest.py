@@ -22,6 +22,15 @@ def tokenizer():
     return clip_tokenizer()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_thread():
+    """The tests run tiny models: a second thread gains nothing, and on a shared CPU threads mostly wait."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _seeded():
     torch.manual_seed(0)

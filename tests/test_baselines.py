@@ -16,13 +16,6 @@ PROMPT, WORDS = "a cat and a dog", ["cat", "dog"]
 SIZE = dict(height=32, width=32)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def generators(*seeds):
     return [torch.Generator().manual_seed(seed) for seed in seeds]

@@ -4,18 +4,10 @@ import json
 
 import pandas as pd
 import pytest
-import torch
 
 from sae_utils.cli import main
 from sae_utils.sampling import read_metadata
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_generate_then_evaluate(tmp_path, capsys):

@@ -15,14 +15,6 @@ from sae_utils.delta import (Delta, DeltaError, apply_delta, architecture_finger
 from sae_utils.models import SD_V1_UNET_CONFIG, tiny_pipeline
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny convolutions on a shared 2-core machine: several threads only fight each other (10x slower).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @lru_cache(maxsize=1)
 def tiny_unet_config() -> dict:

@@ -11,14 +11,6 @@ from sae_utils.exercises import ExerciseError, check_enhance_loss, check_separat
 from sae_utils.solutions import enhance_loss_solution, separate_loss_solution, sepen_loss_solution
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: a second torch thread only adds contention on a shared CPU (5x slower here)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 # ---------- wrong answers a learner might write ----------
 

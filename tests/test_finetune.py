@@ -13,13 +13,6 @@ from sae_utils.finetune import FinetuneConfig, Finetuner
 from sae_utils.models import tiny_pipeline
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def config(**overrides):
     base = dict(model="tiny", pairs=[("cat", "dog")], steps=3, learning_rate=5e-2, device="cpu")

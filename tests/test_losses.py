@@ -33,14 +33,6 @@ REF_CENTRE = 1 / (1 + 2 / E)
 TEXTBOOK_CENTRE = 1 / (1 + 2 / E**2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: a second torch thread only adds contention on a shared CPU (5x slower here)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 def t(rows) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.float32)

@@ -30,14 +30,6 @@ SMALL_VISION = dict(SMALL, image_size=32, patch_size=8)
 # ----------------------------------------------------------------------------------------------------------
 # Tiny models and inputs
 # ----------------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads; on a shared 2-core machine they lose a lot."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def random_images(n, seed=0, size=(40, 48)):
     rng = np.random.default_rng(seed)

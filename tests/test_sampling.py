@@ -17,13 +17,6 @@ from sae_utils.sampling import (GenerationConfig, append_records, generate, imag
 PROMPT = "a cat and a dog"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def config(tmp_path, name="run", **overrides):
     settings = dict(model="tiny", prompts=[PROMPT], seeds=[0, 1, 2], num_inference_steps=2, height=32, width=32,

@@ -13,14 +13,6 @@ from sae_utils.maps import overlap
 from sae_utils.synthetic import explore, gaussian_blob, loss_title, pair_colours, pair_panel, sweep_figure, two_blobs
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: a second torch thread only adds contention on a shared CPU."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 # ---------- the maps ----------
 

@@ -12,7 +12,7 @@ from PIL import Image
 from sae_utils.toyworld import detected_kinds, objects_present, shape_probabilities
 from sae_utils.toyworld import train_evaluator as trainer
 from sae_utils.toyworld.evaluator import DEFAULT_WEIGHTS, as_batch, config_path, load_evaluator, save_evaluator
-from sae_utils.toyworld.world import KINDS, ObjectSpec, Scene, draw_outline, make_rng, render, sample_scene
+from sae_utils.toyworld.world import KINDS, Scene, draw_outline, make_rng, render, sample_scene
 
 TEST_STREAM = 77  # neither the training stream (0) nor the report's (1)
 
@@ -140,7 +140,6 @@ def test_missing_or_corrupt_weights_name_the_file_and_the_fix(tmp_path):
 
 
 def test_training_steps_and_save_load_round_trip(tmp_path):
-    torch.set_num_threads(1)
     model, _ = trainer.train(steps=2, seed=0)
     path = tmp_path / "evaluator.safetensors"
     save_evaluator(model, path, trainer.CHANNELS)

@@ -18,13 +18,6 @@ def state(trainer):
             **{f"vae.{k}": v for k, v in trainer.vae.state_dict().items()}}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def test_resume_continues_bit_for_bit(tmp_path):
     straight = ToyTrainer(tmp_path / "a", small())
