@@ -16,6 +16,7 @@ CI_PARAMETERS_PER_NOTEBOOK = {
     "01_cross_attention_maps": {"num_inference_steps": 4},
     "02_separate_and_enhance_losses": {"num_inference_steps": 4, "use_reference_solution": True},
     "03_finetune": {"num_inference_steps": 4, "steps": 6},
+    "04_evaluate": {"num_inference_steps": 2, "num_prompts": 2, "seeds_per_prompt": 2, "finetune_steps": 2},
 }
 
 
