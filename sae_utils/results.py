@@ -52,10 +52,12 @@ def load_run(output_dir: str | os.PathLike) -> list[dict]:
 
 
 def parse_metrics(metrics: str | Sequence[str]) -> list[str]:
-    """'toy' or 'clip,blip,detection' (or a list) -> checked list."""
+    """'toy' or 'clip,blip,detection' (or a list) -> checked list; 'none' (or []) -> [], attention only."""
     names = [m.strip() for m in (metrics.split(",") if isinstance(metrics, str) else metrics) if m.strip()]
+    if names == ["none"]:
+        return []
     unknown = [m for m in names if m not in METRIC_GROUPS]
-    if not names or unknown:
+    if unknown:
         raise ValueError(f"Unknown metrics {unknown or names}; choose from {list(METRIC_GROUPS)}, e.g. 'toy' or "
                          "'clip,blip,detection'.")
     return names
@@ -191,10 +193,7 @@ def plot_summary(summary: pd.DataFrame, folder: str | os.PathLike, metrics: Sequ
                  ) -> list[Path]:
     """One bar chart per metric (figures/bar_{metric}.png): a group of bars per category, a bar per label, the
     interval as error bars."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # (no backend switch: a notebook keeps its inline figures)
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -227,10 +226,7 @@ def plot_summary(summary: pd.DataFrame, folder: str | os.PathLike, metrics: Sequ
 def image_grid(cells: Sequence[Sequence[Path]], row_labels: Sequence[str], column_labels: Sequence[str],
                path: str | os.PathLike, title: str = "", size: float = 1.6) -> Path:
     """A grid of image files (rows x columns) with row and column labels, saved as PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # (no backend switch: a notebook keeps its inline figures)
     from PIL import Image
 
     n_rows, n_columns = len(cells), max(len(row) for row in cells)
@@ -356,6 +352,6 @@ def format_summary(summary: pd.DataFrame, digits: int = 3) -> str:
     for _, row in summary.iterrows():
         parts = [f"{m} {row[m]:.{digits}f} [{row[f'{m}_low']:.{digits}f}, {row[f'{m}_high']:.{digits}f}]"
                  for m in metric_columns(summary) if pd.notna(row.get(m))]
-        lines.append(f"{row['label']} | {row['category']} | n={row['n']} images, {row['n_units']} prompts | "
-                     + "; ".join(parts))
+        units = f", {row['n_units']} prompts" if "n_units" in row else ""
+        lines.append(f"{row['label']} | {row['category']} | n={row['n']} images{units} | " + "; ".join(parts))
     return "\n".join(lines)

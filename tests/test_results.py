@@ -146,3 +146,8 @@ def test_transformers_metrics_per_image(tmp_path):
     summary = summarise_scores(scores, n_boot=50)
     assert {"clip_full", "clip_full_low", "clip_min_object_high"} <= set(summary.columns)
     assert "toy_both_present" not in scores.columns
+
+
+def test_attention_only_scoring_is_allowed():
+    assert parse_metrics("none") == [] and parse_metrics([]) == []
+    assert parse_metrics("toy, clip") == ["toy", "clip"]

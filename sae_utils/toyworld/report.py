@@ -9,14 +9,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import matplotlib
+import matplotlib.pyplot as plt  # headless machines get the Agg backend by themselves
+import numpy as np
 
-matplotlib.use("Agg")  # the report is written to files, also on machines without a display
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from .evaluator import objects_present  # noqa: E402
-from .study import Samples, ToyStudy, report_table  # noqa: E402
+from .evaluator import objects_present
+from .study import Samples, ToyStudy, report_table
 
 SETS = {"single": "single-object correct", "seen": "seen pairs: both present", "held_out": "held-out pairs: both present"}
 
