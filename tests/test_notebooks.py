@@ -17,6 +17,8 @@ CI_PARAMETERS_PER_NOTEBOOK = {
     "02_separate_and_enhance_losses": {"num_inference_steps": 4, "use_reference_solution": True},
     "03_finetune": {"num_inference_steps": 4, "steps": 6},
     "04_evaluate": {"num_inference_steps": 2, "num_prompts": 2, "seeds_per_prompt": 2, "finetune_steps": 2},
+    "05_multi_concept": {"num_inference_steps": 2, "steps": 3, "num_concepts": 6, "prompts_per_category": 1,
+                         "seeds_per_prompt": 2},
 }
 
 
