@@ -377,8 +377,9 @@ class Finetuner:
 
     def _logged(self, losses: dict, grad_norm: torch.Tensor) -> dict:
         values = self._mean_across_processes({k: v.item() for k, v in losses.items()})  # the step's one host sync
-        return {"step": self.step, **{k: round(v, 6) for k, v in values.items()},
-                "grad_norm": round(float(grad_norm), 6), "lr": self.learning_rate}
+        significant = lambda v: float(f"{v:.6g}")  # noqa: E731 - a norm loss of 1e-6 keeps its digits
+        return {"step": self.step, **{k: significant(v) for k, v in values.items()},
+                "grad_norm": significant(float(grad_norm)), "lr": self.learning_rate}
 
     # -- the same step as one CUDA graph ---------------------------------------------------------------------
     def _check_graphable(self) -> None:

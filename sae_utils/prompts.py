@@ -55,6 +55,16 @@ def pair_words(prompt: str) -> list[str]:
     return [re.findall(r"\w+", side)[-1] for side in sides]
 
 
+def prompt_objects(prompt: str) -> list[str]:
+    """The object words of a one- or two-object prompt: 'a photo of a cat' -> ['cat'], '... and a dog' -> two."""
+    if re.search(r"\b(?:and|with)\b", prompt):
+        return pair_words(prompt)
+    words = re.findall(r"\w+", prompt)
+    if not words:
+        raise ValueError(f"{prompt!r} names no object.")
+    return [words[-1]]
+
+
 class PairSampler:
     """Draws training prompts: from fixed `pairs`, or random pairs of distinct `concepts`.
 

@@ -168,12 +168,13 @@ def resolve_prompts(config: GenerationConfig) -> list[str]:
 
 
 def object_words(prompt: str) -> list[str]:
-    """The object words of a prompt: the benchmark's nouns for Attend-and-Excite prompts, else `pair_words`."""
-    from .prompts import attend_and_excite_words, pair_words
+    """The object words of a prompt: the benchmark's nouns for Attend-and-Excite prompts, else the last word on
+    each side of "and"/"with" (one word for a single-object prompt such as "a photo of a cat")."""
+    from .prompts import attend_and_excite_words, prompt_objects
 
     if prompt in _benchmark_prompts():
         return list(attend_and_excite_words(prompt))
-    return pair_words(prompt)
+    return prompt_objects(prompt)
 
 
 def prompt_category(prompt: str, words: Sequence[str]) -> str:

@@ -19,6 +19,13 @@ def test_pair_words():
         pair_words("a photo of a cat")
 
 
+def test_prompt_objects_of_one_or_two_object_prompts():
+    from sae_utils.prompts import prompt_objects
+
+    assert prompt_objects("a photo of a cat") == ["cat"]
+    assert prompt_objects("a photo of a cat and a dog") == ["cat", "dog"]
+
+
 def test_samples_are_a_pure_function_of_seed_step_and_index():
     sampler = PairSampler(concepts=["cat", "dog", "bird", "lion"], connectors=("and", "with"), shuffle_order=True)
     batch = sampler.batch(seed=3, step=7, start=0, size=8)
