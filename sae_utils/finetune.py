@@ -70,6 +70,7 @@ class FinetuneConfig:
     adam_epsilon: float = 1e-8
     max_grad_norm: float = 1.0
     timestep_range: tuple[int, int] = (0, 1000)
+    latent_scale: float | None = None  # std of the random "clean" latents; None: the VAE's scaling factor (reference)
     image_size: int | None = None  # pixels; None = the model's own (512 for SD v1)
     # machinery
     mixed_precision: str = "auto"  # "no", "fp16", "bf16"; "auto" = bf16 if the GPU has it, else fp16; CPU: "no"
@@ -139,7 +140,7 @@ class FinetuneResult:
 FIXED_ON_RESUME = ("model", "pairs", "concepts", "template", "connectors", "shuffle_order", "trainable", "layers",
                    "lambda_sep", "lambda_en", "kernel_reading", "map_resolution", "norm_loss_weight",
                    "prior_template", "batch_size", "gradient_accumulation_steps", "learning_rate", "scale_lr",
-                   "adam_betas", "adam_weight_decay", "adam_epsilon", "max_grad_norm", "timestep_range",
+                   "adam_betas", "adam_weight_decay", "adam_epsilon", "max_grad_norm", "timestep_range", "latent_scale",
                    "image_size", "seed")
 
 
@@ -231,9 +232,10 @@ class Finetuner:
         shape = (4, self.latent_size, self.latent_size)
         latents, noise, timesteps = [], [], []
         low, high = self.config.timestep_range
+        scale = self.config.latent_scale or self.pipe.vae.config.scaling_factor
         for index in range(start, start + size):
             g = torch.Generator().manual_seed(_sample_seed(self.config.seed, step, index, stream))
-            latents.append(torch.randn(shape, generator=g) * self.pipe.vae.config.scaling_factor)
+            latents.append(torch.randn(shape, generator=g) * scale)
             noise.append(torch.randn(shape, generator=g))
             timesteps.append(torch.randint(low, high, (1,), generator=g))
         latents, noise = torch.stack(latents), torch.stack(noise)

@@ -182,3 +182,12 @@ def test_auto_precision_follows_a_given_pipeline_and_a_mismatch_is_refused():
     finetuner = Finetuner(config(steps=1), pipeline=tiny_pipeline().to(dtype=torch.bfloat16))
     finetuner.train(progress=False)
     assert {p.dtype for p in finetuner.unet.parameters()} == {torch.bfloat16}  # one dtype again: plain sampling works
+
+
+def test_latent_scale_sets_the_spread_of_the_random_clean_latents():
+    # at t = 0 the noisy latents are (almost) the clean ones: their std is the latent scale
+    reference = Finetuner(config(timestep_range=(0, 1)), pipeline=tiny_pipeline())
+    noisy, _ = reference.random_inputs(step=0, start=0, size=64)
+    assert noisy.std().item() == pytest.approx(reference.pipe.vae.config.scaling_factor, rel=0.05)
+    small = Finetuner(config(timestep_range=(0, 1), latent_scale=0.18215), pipeline=tiny_pipeline())
+    assert small.random_inputs(step=0, start=0, size=64)[0].std().item() == pytest.approx(0.18215, rel=0.05)
