@@ -43,6 +43,15 @@ def save_checkpoint(folder: str | os.PathLike, tensors: dict[str, torch.Tensor],
     return folder
 
 
+def atomic_write(path: str | os.PathLike, data: str | bytes) -> Path:
+    """Write a file so that a reader sees the old content or the new one, never half of it."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+    os.replace(tmp, path)
+    return path
+
+
 def load_checkpoint(folder: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
     """Read a checkpoint written by `save_checkpoint`: (tensors, state)."""
     folder = Path(folder)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import io
 import json
 import time
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ from tqdm.auto import tqdm
 
 from . import delta as deltas
 from .attention import capture_cross_attention, forward_until_captured
-from .checkpoint import load_checkpoint, optimizer_from_tensors, optimizer_to_tensors, save_checkpoint
+from .checkpoint import atomic_write, load_checkpoint, optimizer_from_tensors, optimizer_to_tensors, save_checkpoint
 from .losses import sepen_loss_terms
 from .models import DEFAULT_MODEL, load_pipeline, model_info
 from .prompts import PRIOR_TEMPLATE, TRAIN_TEMPLATE, PairPrompt, PairSampler, prior_prompt
@@ -594,12 +595,21 @@ class Finetuner:
         self.step, self.seconds, self.history = state["step"], state["seconds"], state["history"]
 
     def _write_history(self) -> None:
+        """history.json (everything), history.csv (the training steps) and loss.png, each written atomically."""
         rows = [h for h in self.history if "loss" in h]
-        (self.output_dir / "history.json").write_text(json.dumps(self.history, indent=1))
-        with open(self.output_dir / "history.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["step"])
-            writer.writeheader()
-            writer.writerows(rows)
+        atomic_write(self.output_dir / "history.json", json.dumps(self.history, indent=1))
+        table = io.StringIO()
+        writer = csv.DictWriter(table, fieldnames=list(rows[0]) if rows else ["step"])
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write(self.output_dir / "history.csv", table.getvalue())
+        if rows:
+            from .viz import loss_curve
+
+            figure = loss_curve(rows, keys=[k for k in ("loss", "separate", "enhance", "norm") if rows[0].get(k)])
+            image = io.BytesIO()
+            figure.savefig(image, format="png", dpi=90)
+            atomic_write(self.output_dir / "loss.png", image.getvalue())
 
 
 @torch.no_grad()

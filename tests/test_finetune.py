@@ -72,7 +72,9 @@ def test_resume_refuses_other_settings(tmp_path):
 def test_outputs_on_disk(tmp_path):
     result = Finetuner(config(steps=2, output_dir=str(tmp_path), validation_inference_steps=2),
                        pipeline=tiny_pipeline()).train(progress=False)
-    assert {"delta.safetensors", "history.json", "history.csv", "checkpoint", "validation"} <= set(os.listdir(tmp_path))
+    assert {"delta.safetensors", "history.json", "history.csv", "loss.png", "checkpoint", "validation"} <= \
+        set(os.listdir(tmp_path))
+    assert not [name for name in os.listdir(tmp_path) if ".tmp-" in name]  # atomic writes leave no temp files
     assert len(list((tmp_path / "validation").glob("*.png"))) == 2  # before and after
     history = json.loads((tmp_path / "history.json").read_text())
     assert [h["step"] for h in history if "loss" in h] == [1, 2]
