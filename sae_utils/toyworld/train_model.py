@@ -11,6 +11,7 @@ standard diffusers folder in fp16 (the shipped `toy` model lives in sae_utils/to
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -24,10 +25,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..attention import capture_cross_attention, layers_at_resolution
 from ..checkpoint import load_checkpoint, optimizer_from_tensors, optimizer_to_tensors, save_checkpoint
 from . import architecture as arch
 from .training_data import training_batch
-from .world import COLORS, HELD_OUT_PAIRS, KINDS, SEEN_PAIRS, prompt_for
+from ..tokens import token_positions
+from .world import COLORS, HELD_OUT_PAIRS, KINDS, SEEN_PAIRS, object_masks, prompt_for
 
 
 @dataclass
@@ -49,6 +52,10 @@ class ToyTrainConfig:
     warmup: int = 500
     ema_decay: float = 0.999
     min_snr_gamma: float = 5.0
+    # attention prior: pull each object word's cross-attention map (where the word is read) towards the object's
+    # pixels, KL(mask || map) at these resolutions; SD's localised object maps emerge at scale, the toy's need it
+    attention_prior: float = 0.0
+    attention_prior_resolutions: tuple[int, ...] = (16, 8)
     grad_clip: float = 1.0
     unet_channels: tuple[int, ...] = (64, 128, 128)
     layers_per_block: int = 1
@@ -146,7 +153,8 @@ class ToyTrainer:
         _save_grid(np.concatenate([images / 255.0, recon]), self.out / "samples" / "autoencoder.png", columns=16)
 
     # -- stage 2 ---------------------------------------------------------------------------------------------
-    def diffusion_loss(self, images: np.ndarray, captions: list[str], generator: torch.Generator) -> torch.Tensor:
+    def diffusion_loss(self, images: np.ndarray, captions: list[str], generator: torch.Generator,
+                       scenes=None) -> torch.Tensor:
         c = self.config
         with torch.no_grad():
             latents = self.vae.encode(_to_model_input(images)).latent_dist.mode() * self.vae.config.scaling_factor
@@ -155,14 +163,44 @@ class ToyTrainer:
         noisy = self.noise_scheduler.add_noise(latents, noise, t)
         ids = self.tokenizer(captions, padding="max_length", max_length=77, truncation=True,
                              return_tensors="pt").input_ids
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=c.bf16):
-            text = self.text_encoder(ids)[0]
-            prediction = self.unet(noisy, t, text).sample
+        prior_layers = [layer for r in c.attention_prior_resolutions
+                        for layer in layers_at_resolution(self.unet, r)] if c.attention_prior else None
+        with contextlib.ExitStack() as stack:
+            store = stack.enter_context(capture_cross_attention(self.unet, layers=prior_layers, keep="last",
+                                                                cfg=False)) if prior_layers else None
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=c.bf16):
+                text = self.text_encoder(ids)[0]
+                prediction = self.unet(noisy, t, text).sample
         alpha_bar = self.noise_scheduler.alphas_cumprod[t]
         snr = alpha_bar / (1 - alpha_bar)
         weight = torch.clamp(snr, max=c.min_snr_gamma) / snr  # min-SNR-gamma for epsilon prediction
         per_image = F.mse_loss(prediction.float(), noise, reduction="none").mean(dim=(1, 2, 3))
-        return (weight * per_image).mean()
+        loss = (weight * per_image).mean()
+        if store is not None:
+            loss = loss + c.attention_prior * self.attention_prior_loss(store, scenes, captions)
+        return loss
+
+    def attention_prior_loss(self, store, scenes, captions) -> torch.Tensor:
+        """Mean over named objects and resolutions of KL(mask || map): the spatial distribution of an object
+        word's attention should follow the object's pixels. It shapes where a word is read, not how much."""
+        by_resolution: dict[int, list[torch.Tensor]] = {}
+        for layer in store.layers:
+            maps = store.layer_maps(layer)  # (B, T, h, w)
+            by_resolution.setdefault(maps.shape[-1], []).append(maps)
+        terms = []
+        for resolution, maps in by_resolution.items():
+            maps = torch.stack(maps).mean(0).float()
+            for b, (scene, text) in enumerate(zip(scenes, captions)):
+                if not text:
+                    continue  # an empty caption (classifier-free guidance) names nothing
+                masks = torch.from_numpy(object_masks(scene, arch.IMAGE_SIZE))[:, None]
+                masks = F.adaptive_avg_pool2d(masks, resolution)[:, 0]  # (K, h, w) coverage
+                for k, spec in enumerate(scene.objects):
+                    word = maps[b, token_positions(self.tokenizer, text, spec.kind)].sum(0)
+                    q = word / word.sum().clamp_min(1e-8)
+                    target = masks[k] / masks[k].sum().clamp_min(1e-8)
+                    terms.append((target * (torch.log(target + 1e-8) - torch.log(q + 1e-8))).sum())
+        return torch.stack(terms).mean() if terms else torch.zeros(())
 
     def train_diffusion(self) -> None:
         c = self.config
@@ -170,8 +208,9 @@ class ToyTrainer:
         bar = tqdm(total=c.steps, initial=self.step, desc="diffusion")
         while self.step < c.steps:
             start = time.perf_counter()
-            images, captions = training_batch(c.seed, self.step, c.batch, c.p_two, c.p_color, c.p_uncond)
-            loss = self.diffusion_loss(images, captions, _step_generator(c.seed, 2, self.step))
+            images, captions, scenes = training_batch(c.seed, self.step, c.batch, c.p_two, c.p_color, c.p_uncond,
+                                                      with_scenes=True)
+            loss = self.diffusion_loss(images, captions, _step_generator(c.seed, 2, self.step), scenes)
             for group in self.optimizer.param_groups:
                 group["lr"] = c.lr * min(1.0, (self.step + 1) / c.warmup)
             self.optimizer.zero_grad(set_to_none=True)
@@ -278,6 +317,10 @@ class ToyTrainer:
             raise ValueError(f"The checkpoint in {folder} was trained with other settings {changed} (saved, "
                              "asked). Use another --out folder, or the saved settings.")
         self.config.extra = saved.get("extra", {})
+        moved = {k: (saved[k], v) for k, v in dataclasses.asdict(self.config).items()
+                 if k in saved and k not in ("extra", "threads") and _plain(saved[k]) != _plain(v)}
+        if moved:  # provenance: what a resumed run changed, and from which step (the export records it)
+            self.config.extra.setdefault("changes", []).append({"step": state["step"], "changed": moved})
         if "scaling_factor" in self.config.extra:
             self.vae.register_to_config(scaling_factor=self.config.extra["scaling_factor"])
         for prefix, module in (("vae", self.vae), ("unet", self.unet), ("text_encoder", self.text_encoder)):
@@ -311,7 +354,7 @@ def main(argv=None) -> None:
     parser.add_argument("--export", help="write the EMA model as a diffusers folder here when done")
     defaults = ToyTrainConfig()
     for f in dataclasses.fields(ToyTrainConfig):
-        if f.name in ("extra", "unet_channels"):
+        if f.name in ("extra", "unet_channels", "attention_prior_resolutions"):
             continue
         kind = type(getattr(defaults, f.name))
         parser.add_argument(f"--{f.name.replace('_', '-')}", type=(lambda s: s.lower() in ("1", "true", "yes"))
@@ -319,7 +362,7 @@ def main(argv=None) -> None:
     parser.add_argument("--unet-channels", default=",".join(map(str, defaults.unet_channels)))
     args = parser.parse_args(argv)
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(ToyTrainConfig)
-              if f.name not in ("extra", "unet_channels")}
+              if f.name not in ("extra", "unet_channels", "attention_prior_resolutions")}
     config = ToyTrainConfig(**values, unet_channels=tuple(int(c) for c in args.unet_channels.split(",")))
     if config.threads:
         torch.set_num_threads(config.threads)

@@ -25,9 +25,14 @@ def training_example(rng: np.random.Generator, p_two: float, p_color: float) -> 
 
 
 def training_batch(seed: int, step: int, batch_size: int, p_two: float, p_color: float, p_uncond: float,
-                   size: int = 32) -> tuple[np.ndarray, list[str]]:
-    """Images (B, size, size, 3) uint8 and captions; a caption is "" with probability p_uncond (for CFG)."""
+                   size: int = 32, with_scenes: bool = False):
+    """Images (B, size, size, 3) uint8 and captions; a caption is "" with probability p_uncond (for CFG).
+
+    with_scenes: also return the scenes (for the objects' masks).
+    """
     rng = make_rng(seed, step)
     examples = [training_example(rng, p_two, p_color) for _ in range(batch_size)]
     captions = ["" if rng.random() < p_uncond else text for _, text in examples]
-    return render_batch([scene for scene, _ in examples], size), captions
+    scenes = [scene for scene, _ in examples]
+    images = render_batch(scenes, size)
+    return (images, captions, scenes) if with_scenes else (images, captions)

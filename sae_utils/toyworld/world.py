@@ -180,15 +180,15 @@ def _to_canvas(pts: np.ndarray, cx: float, cy: float, radius: float, angle: floa
     return list(zip(cx * side + xy[:, 0] - 0.5, cy * side - xy[:, 1] - 0.5))
 
 
-def _draw_object(draw: ImageDraw.ImageDraw, spec: ObjectSpec, side: int) -> None:
-    color = COLORS[spec.color]
+def _draw_object(draw: ImageDraw.ImageDraw, spec: ObjectSpec, side: int, color=None, background=BACKGROUND) -> None:
+    color = COLORS[spec.color] if color is None else color
     if spec.kind in ("circle", "ring"):
         x, y = spec.cx * side - 0.5, spec.cy * side - 0.5
         outer = (_CIRCLE if spec.kind == "circle" else _RING_OUTER) * spec.radius * side
         draw.ellipse((x - outer, y - outer, x + outer, y + outer), fill=color)
         if spec.kind == "ring":
             inner = _RING_INNER * spec.radius * side
-            draw.ellipse((x - inner, y - inner, x + inner, y + inner), fill=BACKGROUND)
+            draw.ellipse((x - inner, y - inner, x + inner, y + inner), fill=background)
     else:
         draw.polygon(_to_canvas(_OUTLINES[spec.kind], spec.cx, spec.cy, spec.radius, spec.angle, side), fill=color)
 
@@ -220,6 +220,17 @@ def render(scene: Scene, size: int = 32,
     if extra is not None:
         extra(draw, side)
     return np.array(canvas.reduce(SUPERSAMPLE))  # a writable copy
+
+
+def object_masks(scene: Scene, size: int = 32) -> np.ndarray:
+    """(K, size, size) float32 in [0, 1]: how much of each pixel each object covers (anti-aliased like render)."""
+    side = size * SUPERSAMPLE
+    masks = np.zeros((len(scene.objects), size, size), np.float32)
+    for k, spec in enumerate(scene.objects):
+        canvas = Image.new("L", (side, side), 0)
+        _draw_object(ImageDraw.Draw(canvas), spec, side, color=255, background=0)
+        masks[k] = np.asarray(canvas.reduce(SUPERSAMPLE), dtype=np.float32) / 255.0
+    return masks
 
 
 def render_batch(scenes: Sequence[Scene], size: int = 32) -> np.ndarray:
