@@ -51,3 +51,37 @@ def test_export_is_a_standard_pipeline(tmp_path):
     assert {"star", "heart", "red"} <= set(info["vocabulary"]) and info["sampling"]["num_inference_steps"] == 25
     for name, ema in zip([n for n, _ in trainer.unet.named_parameters()], trainer.ema):
         torch.testing.assert_close(pipe.unet.get_parameter(name), ema.half().float())  # the EMA weights ship
+
+
+def test_attention_prior_is_zero_for_maps_on_the_objects_and_log_ratio_for_flat_maps():
+    import math
+
+    import torch.nn.functional as F
+
+    from sae_utils.tokens import token_positions
+    from sae_utils.toyworld.train_model import ToyTrainer
+    from sae_utils.toyworld.world import caption, make_rng, object_masks, sample_scene
+
+    trainer = ToyTrainer("/nonexistent-never-written", small(attention_prior=1.0))
+    scene = sample_scene(make_rng(0), ["star", "heart"])
+    text = caption(scene)
+    masks = F.adaptive_avg_pool2d(torch.from_numpy(object_masks(scene))[:, None], 16)[:, 0]
+
+    class Store:  # what attention_prior_loss reads: the captured layers and their (B, T, h, w) maps
+        layers = ["one 16x16 layer"]
+
+        def __init__(self, maps):
+            self.maps = maps
+
+        def layer_maps(self, layer):
+            return self.maps
+
+    on_objects = torch.full((1, 77, 16, 16), 1e-12)
+    for k, spec in enumerate(scene.objects):
+        on_objects[0, token_positions(trainer.tokenizer, text, spec.kind)] = masks[k]
+    assert trainer.attention_prior_loss(Store(on_objects), [scene], [text]).item() == pytest.approx(0, abs=1e-4)
+    flat = torch.full((1, 77, 16, 16), 1 / 77)
+    expected = sum(torch.special.xlogy(t, t * 256).sum() for t in (m / m.sum() for m in masks)) / 2  # KL(t || 1/256)
+    loss = trainer.attention_prior_loss(Store(flat), [scene], [text]).item()
+    assert loss == pytest.approx(expected.item(), rel=1e-3) and loss > math.log(2)
+    assert trainer.attention_prior_loss(Store(flat), [scene], [""]).item() == 0  # an empty caption names nothing

@@ -163,3 +163,14 @@ def test_pair_split_is_frozen_and_two_regular():
         assert look_alike in SEEN_PAIRS
     assert HELD_OUT_PAIRS == (("circle", "triangle"), ("circle", "star"), ("square", "ring"), ("square", "moon"),
                               ("triangle", "heart"), ("star", "ring"), ("heart", "cross"), ("cross", "moon"))
+
+
+def test_object_masks_cover_each_object_where_it_is_drawn():
+    from sae_utils.toyworld.world import object_masks
+
+    scene = sample_scene(make_rng(3), ["star", "ring"])
+    masks = object_masks(scene)
+    assert masks.shape == (2, 32, 32) and masks.min() >= 0 and masks.max() == 1.0
+    drawn = render(scene).min(axis=-1) < 128  # clearly coloured pixels
+    assert ((masks.sum(0) > 0.5) == drawn).mean() > 0.97
+    assert (masks[0] * masks[1]).max() == 0  # objects do not overlap
