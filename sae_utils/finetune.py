@@ -72,6 +72,9 @@ class FinetuneConfig:
     max_grad_norm: float = 1.0
     timestep_range: tuple[int, int] = (0, 1000)
     latent_scale: float | None = None  # std of the random "clean" latents; None: the VAE's scaling factor (reference)
+    # where the losses are evaluated: "random" (reference: random clean latents noised to a random timestep) or
+    # "trajectory" (a variant: the model's own guided sampling path for the prompt, stopped at a random step)
+    latent_source: str = "random"
     image_size: int | None = None  # pixels; None = the model's own (512 for SD v1)
     # machinery
     mixed_precision: str = "auto"  # "no", "fp16", "bf16"; "auto" = bf16 if the GPU has it, else fp16; CPU: "no"
@@ -99,6 +102,8 @@ class FinetuneConfig:
                 raise ValueError(f"{name} must be > 0, got {value}.")
         if self.lambda_sep < 0 or self.lambda_en < 0 or self.lambda_sep + self.lambda_en == 0:
             raise ValueError(f"lambda_sep={self.lambda_sep}, lambda_en={self.lambda_en}: use weights >= 0, not both 0.")
+        if self.latent_source not in ("random", "trajectory"):
+            raise ValueError(f"latent_source={self.latent_source!r}: use 'random' (the reference) or 'trajectory'.")
         if self.compile not in ("none", "cuda-graph"):
             raise ValueError(f"compile={self.compile!r}: use 'none' or 'cuda-graph'.")
         if self.optimizer not in ("adamw", "adamw-fused"):
@@ -142,6 +147,7 @@ FIXED_ON_RESUME = ("model", "pairs", "concepts", "template", "connectors", "shuf
                    "lambda_sep", "lambda_en", "kernel_reading", "map_resolution", "norm_loss_weight",
                    "prior_template", "batch_size", "gradient_accumulation_steps", "learning_rate", "scale_lr",
                    "adam_betas", "adam_weight_decay", "adam_epsilon", "max_grad_norm", "timestep_range", "latent_scale",
+                   "latent_source",
                    "image_size", "seed")
 
 
@@ -244,6 +250,35 @@ class Finetuner:
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         return noisy.to(self.device, self.weight_dtype), timesteps.to(self.device)
 
+    @torch.no_grad()
+    def trajectory_inputs(self, samples: Sequence[PairPrompt], step: int, start: int):
+        """The model's own sampling path for each prompt (its sampler, its guidance, the current weights),
+        stopped at one random step whose timestep lies in timestep_range: (latents, timesteps) as there."""
+        from diffusers import DDIMScheduler
+
+        from .sampling import sampler_defaults
+
+        settings = sampler_defaults(self.pipe)
+        scheduler = DDIMScheduler.from_config(self.pipe.scheduler.config)
+        scheduler.set_timesteps(settings["num_inference_steps"])
+        low, high = self.config.timestep_range
+        candidates = [i for i, t in enumerate(scheduler.timesteps.tolist()) if low <= t < high]
+        if not candidates:
+            raise ValueError(f"No sampler timestep lies in timestep_range={self.config.timestep_range}.")
+        stop = candidates[np.random.default_rng([self.config.seed, step, start, 41]).integers(len(candidates))]
+        shape = (4, self.latent_size, self.latent_size)
+        latents = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(
+            _sample_seed(self.config.seed, step, start + i, 5))) for i in range(len(samples))])
+        latents = (latents * scheduler.init_noise_sigma).to(self.device, self.weight_dtype)
+        text = torch.cat([self.text_embeddings([""] * len(samples)), self.text_embeddings([s.prompt for s in samples])])
+        for t in scheduler.timesteps[:stop]:
+            with self.autocast():
+                noise = self.unet(torch.cat([latents] * 2), t, encoder_hidden_states=text).sample
+            unconditional, conditional = noise.float().chunk(2)
+            guided = unconditional + settings["guidance_scale"] * (conditional - unconditional)
+            latents = scheduler.step(guided, t, latents.float()).prev_sample.to(self.weight_dtype)
+        return latents, scheduler.timesteps[stop].repeat(len(samples)).to(self.device)
+
     # -- the step --------------------------------------------------------------------------------------------
     def autocast(self):
         if self.precision == "no":
@@ -340,7 +375,10 @@ class Finetuner:
         c = self.config
         start = (micro * self.state.num_processes + self.state.process_index) * c.batch_size
         samples = self.sampler.batch(c.seed, self.step, start, c.batch_size)
-        noisy, timesteps = self.random_inputs(self.step, start, c.batch_size)
+        if c.latent_source == "trajectory":
+            noisy, timesteps = self.trajectory_inputs(samples, self.step, start)
+        else:
+            noisy, timesteps = self.random_inputs(self.step, start, c.batch_size)
         inputs = {"noisy": noisy, "timesteps": timesteps, "text": self.text_embeddings([s.prompt for s in samples]),
                   "masks": self.word_masks(samples)}
         if c.norm_loss_weight > 0:

@@ -193,3 +193,14 @@ def test_latent_scale_sets_the_spread_of_the_random_clean_latents():
     assert noisy.std().item() == pytest.approx(reference.pipe.vae.config.scaling_factor, rel=0.05)
     small = Finetuner(config(timestep_range=(0, 1), latent_scale=0.18215), pipeline=tiny_pipeline())
     assert small.random_inputs(step=0, start=0, size=64)[0].std().item() == pytest.approx(0.18215, rel=0.05)
+
+
+def test_trajectory_latents_follow_the_models_own_sampling_path():
+    finetuner = Finetuner(config(latent_source="trajectory", timestep_range=(0, 1000)), pipeline=tiny_pipeline())
+    samples = finetuner.sampler.batch(0, 0, 0, 2)
+    latents, timesteps = finetuner.trajectory_inputs(samples, step=0, start=0)
+    again, _ = finetuner.trajectory_inputs(samples, step=0, start=0)
+    assert latents.shape == (2, 4, 32, 32) and torch.equal(latents, again) and len(set(timesteps.tolist())) == 1
+    finetuner.train(progress=False)  # the whole step runs on them
+    with pytest.raises(ValueError, match="latent_source"):
+        config(latent_source="data").validate()
