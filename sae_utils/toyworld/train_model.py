@@ -273,6 +273,13 @@ class ToyTrainer:
         _save_grid(np.concatenate(grids), self.out / "samples" / f"step-{self.step:06d}.png", columns=16)
         return result
 
+    def evaluations(self) -> list[dict]:
+        """Every evaluation of this run so far: the saved history, then the entries not yet saved."""
+        saved = self.out / "history.jsonl"
+        lines = saved.read_text().splitlines() if saved.exists() else []
+        entries = [json.loads(line) for line in lines if line.strip()] + self.history
+        return [entry["eval"] for entry in entries if "eval" in entry]
+
     def export(self, folder: str | Path, dtype: torch.dtype = torch.float16) -> Path:
         """Save the EMA model as a diffusers folder, plus `toy_model.json` (sampler defaults, provenance)."""
         folder = Path(folder)
@@ -284,8 +291,8 @@ class ToyTrainer:
                              "diffusion_steps": self.step, "cpu_seconds": round(self.seconds),
                              "machine": f"{platform.processor() or platform.machine()}, "
                                         f"{torch.get_num_threads()} torch threads",
-                             "command": "python -m sae_utils.toyworld.train_model --out DIR --export FOLDER"},
-                "evaluations": [h["eval"] for h in self.history if "eval" in h][-5:],
+                             "command": command_line(self.config)},
+                "evaluations": self.evaluations()[-8:],
                 "parameters": {"unet": arch.count_parameters(pipe.unet),
                                "text_encoder": arch.count_parameters(pipe.text_encoder),
                                "vae": arch.count_parameters(pipe.vae)}}
@@ -317,8 +324,9 @@ class ToyTrainer:
             raise ValueError(f"The checkpoint in {folder} was trained with other settings {changed} (saved, "
                              "asked). Use another --out folder, or the saved settings.")
         self.config.extra = saved.get("extra", {})
-        moved = {k: (saved[k], v) for k, v in dataclasses.asdict(self.config).items()
-                 if k in saved and k not in ("extra", "threads") and _plain(saved[k]) != _plain(v)}
+        defaults = dataclasses.asdict(ToyTrainConfig())  # a setting newer than the checkpoint had its default
+        moved = {k: [saved.get(k, defaults[k]), v] for k, v in dataclasses.asdict(self.config).items()
+                 if k not in ("extra", "threads") and _plain(saved.get(k, defaults[k])) != _plain(v)}
         if moved:  # provenance: what a resumed run changed, and from which step (the export records it)
             self.config.extra.setdefault("changes", []).append({"step": state["step"], "changed": moved})
         if "scaling_factor" in self.config.extra:
@@ -333,6 +341,18 @@ class ToyTrainer:
     def run(self) -> None:
         self.train_autoencoder()
         self.train_diffusion()
+
+
+def command_line(config: ToyTrainConfig) -> str:
+    """The command that trains with `config` (the settings that differ from the defaults)."""
+    defaults, words = ToyTrainConfig(), ["python -m sae_utils.toyworld.train_model --out DIR"]
+    for f in dataclasses.fields(ToyTrainConfig):
+        value = getattr(config, f.name)
+        if f.name in ("extra", "attention_prior_resolutions") or _plain(value) == _plain(getattr(defaults, f.name)):
+            continue
+        value = ",".join(map(str, value)) if isinstance(value, tuple | list) else value
+        words.append(f"--{f.name.replace('_', '-')} {value}")
+    return " ".join(words + ["--export FOLDER"])
 
 
 def _save_grid(images: np.ndarray, path: Path, columns: int) -> None:
