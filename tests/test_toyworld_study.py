@@ -6,7 +6,7 @@ import torch
 from sae_utils.models import load_pipeline
 from sae_utils.toyworld.study import StudySettings, ToyStudy, eval_set, rate, report_table, sample, score
 from sae_utils.toyworld.train_model import ToyTrainConfig, ToyTrainer
-from sae_utils.toyworld.world import HELD_OUT_PAIRS, make_rng, render_batch, sample_scene
+from sae_utils.toyworld.world import HELD_OUT_PAIRS, SEEN_PAIRS, make_rng, render_batch, sample_scene
 
 
 @pytest.fixture(scope="module")
@@ -64,3 +64,41 @@ def test_the_demo_writes_its_report(micro_toy, tmp_path):
     results = __import__("json").loads((tmp_path / "results.json").read_text())
     assert set(results["differences"]) == {"single", "held_out"}
     assert {"rates.png", "held_out_pairs.png", "attention.png"} <= {p.name for p in tmp_path.iterdir()}
+
+
+def test_base_rates_are_measured_on_fixed_seeds_and_stored_in_the_model_folder(micro_toy, tmp_path):
+    import json
+    import shutil
+
+    from sae_utils.toyworld.base_rates import measure_base_rates, table, write_base_rates
+
+    settings = StudySettings(single_per_kind=1, pair_per_prompt=1, seen_per_prompt=1,
+                             sampling=dict(num_inference_steps=2))
+    rates = measure_base_rates(micro_toy, settings, progress=False)
+    again = measure_base_rates(micro_toy, settings, progress=False)
+    assert {w: rates[w]["all_present"] for w in ("single", "seen", "held_out")} == \
+           {w: again[w]["all_present"] for w in ("single", "seen", "held_out")}
+    assert rates["single"]["all_present"]["n"] == 8 and rates["seen"]["all_present"]["n"] == len(SEEN_PAIRS)
+    assert rates["protocol"]["command"].startswith("python -m sae_utils.toyworld.base_rates")
+    folder = shutil.copytree(micro_toy.name_or_path, tmp_path / "model")
+    write_base_rates(folder, rates)
+    assert json.loads((folder / "toy_model.json").read_text())["base_rates"]["held_out"] == rates["held_out"]
+    assert "| held-out |" in table(rates)
+    with pytest.raises(FileNotFoundError, match="toy model folder"):
+        write_base_rates(tmp_path, rates)
+
+
+def test_the_full_protocol_writes_its_report_with_every_condition(micro_toy, tmp_path):
+    from sae_utils.toyworld.study import run_study
+
+    settings = StudySettings(single_per_kind=8, pair_per_prompt=1, seen_per_prompt=1, batch_size=32,
+                             sampling=dict(num_inference_steps=2), finetune=dict(steps=1, learning_rate=1e-3),
+                             multi_pair=dict(steps=1, learning_rate=1e-3, norm_loss_weight=0.5))
+    report = run_study(micro_toy, settings, tmp_path, ablation={"enhance only": dict(lambda_sep=0.0)}, progress=False)
+    text = report.read_text()
+    for name in ("base", "sepen (K)", "sepen multi-pair (K, norm loss)", "enhance only"):
+        assert f"| {name} |" in text
+    results = __import__("json").loads((tmp_path / "results.json").read_text())
+    assert results["protocol"]["command"].startswith("python -m sae_utils.toyworld.study")
+    assert results["conditions"]["enhance only"]["finetune"]["lambda_sep"] == 0.0
+    assert results["conditions"]["sepen multi-pair (K, norm loss)"]["held_out"]["all_present"]["n"] == len(HELD_OUT_PAIRS)

@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt  # headless machines get the Agg backend by them
 import numpy as np
 
 from .evaluator import objects_present
-from .study import Samples, ToyStudy, report_table
+from .study import Samples, ToyStudy, difference, report_table
 
 SETS = {"single": "single-object correct", "seen": "seen pairs: both present", "held_out": "held-out pairs: both present"}
 
@@ -92,12 +92,6 @@ def rates_chart(results: dict, path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
-
-
-def difference(base: dict, after: dict) -> dict:
-    """after - base of a rate, in points, with a conservative interval (the difference of the two intervals)."""
-    return {"points": round(100 * (after["rate"] - base["rate"]), 1),
-            "low": round(100 * (after["low"] - base["high"]), 1), "high": round(100 * (after["high"] - base["low"]), 1)}
 
 
 def write_report(study: ToyStudy, out: Path, title: str, notes: str = "", compare: str | None = None) -> Path:
