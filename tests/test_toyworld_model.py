@@ -49,6 +49,8 @@ def test_export_is_a_standard_pipeline(tmp_path):
     assert image.shape == (1, 32, 32, 3)
     info = __import__("json").loads((folder / "toy_model.json").read_text())
     assert {"star", "heart", "red"} <= set(info["vocabulary"]) and info["sampling"]["num_inference_steps"] == 25
+    command = info["training"]["command"]  # reproduces the run: the settings that differ from the defaults
+    assert "--steps 2 " in command and "--unet-channels 32,32,32" in command and "--lr " not in command
     for name, ema in zip([n for n, _ in trainer.unet.named_parameters()], trainer.ema):
         torch.testing.assert_close(pipe.unet.get_parameter(name), ema.half().float())  # the EMA weights ship
 
@@ -85,3 +87,32 @@ def test_attention_prior_is_zero_for_maps_on_the_objects_and_log_ratio_for_flat_
     loss = trainer.attention_prior_loss(Store(flat), [scene], [text]).item()
     assert loss == pytest.approx(expected.item(), rel=1e-3) and loss > math.log(2)
     assert trainer.attention_prior_loss(Store(flat), [scene], [""]).item() == 0  # an empty caption names nothing
+
+
+def test_a_resumed_run_records_what_it_changed_and_from_which_step(tmp_path):
+    ToyTrainer(tmp_path, small(steps=2)).run()
+    resumed = ToyTrainer(tmp_path, small(steps=4, attention_prior=0.01))
+    assert resumed.config.extra["changes"] == [{"step": 2, "changed": {"steps": [2, 4], "attention_prior": [0.0, 0.01]}}]
+
+
+def test_the_shipped_toy_model_loads_offline_and_draws_what_it_is_asked():
+    import json
+    import os
+
+    from sae_utils.models import TOY_MODEL_DIR, model_info
+    from sae_utils.toyworld.evaluator import objects_present
+
+    weights = [p for p in TOY_MODEL_DIR.rglob("*.safetensors")]
+    assert sum(p.stat().st_size for p in weights) < 30e6 and len(weights) == 3  # fp16, small enough for git
+    assert os.environ.get("HF_HUB_OFFLINE") == "1"  # loading must not need the network
+    pipe = load_pipeline("toy", device="cpu")
+    assert len(pipe.tokenizer) == 49408 and pipe.unet.dtype == torch.float32
+    kinds = ["star", "heart", "ring", "cross"]
+    images = pipe([f"a photo of a {k}" for k in kinds], generator=[torch.Generator().manual_seed(100_000 + i)
+                                                                  for i in range(4)], output_type="np").images
+    assert images.shape == (4, 32, 32, 3)
+    found = objects_present((images * 255).round().astype("uint8"), [[k] for k in kinds])
+    assert found.float().mean() >= 0.75, found  # the committed rate is >= 0.9 on 256 images; 4 may miss one
+    info = model_info(pipe)
+    assert info["base_rates"]["single"]["all_present"]["rate"] >= 0.9 and info["base_rates"]["single"]["all_present"]["n"] >= 200
+    assert json.loads(json.dumps(info["training"]))["diffusion_steps"] > 1000
