@@ -51,7 +51,12 @@ def test_a_single_pair_condition_restores_the_base_model(micro_toy):
     assert all(torch.equal(p, before[n]) for n, p in micro_toy.unet.named_parameters())
     assert condition["held_out"]["all_present"]["n"] == len(HELD_OUT_PAIRS)
     assert condition["single"]["all_present"]["n"] == 8 * 8  # every delta is checked on all 8 kinds
-    assert "| sepen |" in report_table(study.results)
+    assert condition["single_base"]["n"] == 8  # ... and compared with the base on the same seeds
+    fake = {"rate": 0.987, "low": 0.9, "high": 1.0, "n": 99}  # no multiple of 1/8: cannot equal the same-seed base
+    study.results["conditions"]["base"] = {"single": {"all_present": fake}}
+    expected = condition["single"]["all_present"]["rate"] - condition["single_base"]["rate"]
+    row = next(line for line in report_table(study.results).splitlines() if line.startswith("| sepen |"))
+    assert f"{100 * expected:+.1f} [" in row  # against the base on the same seeds, not the base's own 99 images
 
 
 def test_the_demo_writes_its_report(micro_toy, tmp_path):

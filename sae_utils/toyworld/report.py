@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt  # headless machines get the Agg backend by them
 import numpy as np
 
 from .evaluator import objects_present
-from .study import Samples, ToyStudy, difference, report_table
+from .study import Samples, ToyStudy, base_rate, difference, report_table
 
 SETS = {"single": "single-object correct", "seen": "seen pairs: both present", "held_out": "held-out pairs: both present"}
 
@@ -73,7 +73,7 @@ def attention_grid(before: Samples, after: Samples, path: Path, labels=("base", 
 def rates_chart(results: dict, path: Path) -> Path:
     """Each condition's rates with their 95 % intervals."""
     conditions = list(results["conditions"])
-    fig, ax = plt.subplots(figsize=(7, 3.2))
+    fig, ax = plt.subplots(figsize=(max(7, 1.1 * len(conditions)), 3.6))
     width = 0.8 / len(SETS)
     for k, (key, label) in enumerate(SETS.items()):
         xs, ys, errors = [], [], []
@@ -84,7 +84,7 @@ def rates_chart(results: dict, path: Path) -> Path:
                 errors.append([entry["rate"] - entry["low"], entry["high"] - entry["rate"]])
         if xs:
             ax.bar(xs, ys, width, yerr=np.array(errors).T, capsize=3, label=label)
-    ax.set_xticks(range(len(conditions)), conditions, fontsize=8)
+    ax.set_xticks(range(len(conditions)), conditions, fontsize=8, rotation=25, ha="right")
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("rate (95 % interval)")
     ax.legend(fontsize=7, loc="lower right")
@@ -101,7 +101,7 @@ def write_report(study: ToyStudy, out: Path, title: str, notes: str = "", compar
     results = study.results
     compare = compare or [name for name in results["conditions"] if name != "base"][0]
     base, after = results["conditions"]["base"], results["conditions"][compare]
-    results["differences"] = {key: difference(base[key]["all_present"], after[key]["all_present"])
+    results["differences"] = {key: difference(base_rate(results, compare, key), after[key]["all_present"])
                               for key in SETS if key in base and key in after}
     (out / "results.json").write_text(json.dumps(results, indent=1))
     figures = [rates_chart(results, out / "rates.png")]
