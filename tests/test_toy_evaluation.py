@@ -1,6 +1,5 @@
 """The evaluation pipeline (generate -> score_run) on the shipped toy model agrees with the toy study, image for
 image, and every method runs on it: the toy world is where the evaluation code is checked against exact answers."""
-import numpy as np
 import pytest
 
 from sae_utils import results

@@ -107,3 +107,25 @@ def test_the_full_protocol_writes_its_report_with_every_condition(micro_toy, tmp
     assert results["protocol"]["command"].startswith("python -m sae_utils.toyworld.study")
     assert results["conditions"]["enhance only"]["finetune"]["lambda_sep"] == 0.0
     assert results["conditions"]["sepen multi-pair (K, norm loss)"]["held_out"]["all_present"]["n"] == len(HELD_OUT_PAIRS)
+
+
+def test_a_rerun_of_the_study_keeps_what_was_measured_and_measures_only_the_rest(micro_toy, tmp_path):
+    import json
+
+    from sae_utils.toyworld.study import run_study
+
+    settings = StudySettings(single_per_kind=8, pair_per_prompt=1, seen_per_prompt=1, batch_size=32,
+                             sampling=dict(num_inference_steps=2), finetune=dict(steps=1, learning_rate=1e-3),
+                             multi_pair=dict(steps=1, learning_rate=1e-3, norm_loss_weight=0.5))
+    run_study(micro_toy, settings, tmp_path, ablation={}, progress=False)
+    first = json.loads((tmp_path / "results.json").read_text())
+    first["conditions"]["sepen (K)"]["marker"] = "kept"  # a condition that is not measured again keeps this
+    del first["conditions"]["sepen (K)"]["single_base"]  # as written before the same-seed comparison existed
+    (tmp_path / "results.json").write_text(json.dumps(first))
+    run_study(micro_toy, settings, tmp_path, ablation={"enhance only": dict(lambda_sep=0.0)}, progress=False)
+    second = json.loads((tmp_path / "results.json").read_text())
+    assert second["conditions"]["sepen (K)"]["marker"] == "kept" and "single_base" in second["conditions"]["sepen (K)"]
+    assert "enhance only" in second["conditions"] and "| enhance only |" in (tmp_path / "report.md").read_text()
+    other = StudySettings(**{**settings.__dict__, "pair_per_prompt": 2})
+    with pytest.raises(ValueError, match="other settings"):
+        run_study(micro_toy, other, tmp_path, ablation={}, progress=False)

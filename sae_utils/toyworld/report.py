@@ -109,6 +109,8 @@ def write_report(study: ToyStudy, out: Path, title: str, notes: str = "", compar
         before, later = study.samples["base"]["held_out"], study.samples[compare]["held_out"]
         figures += [comparison_grid(before, later, out / "held_out_pairs.png", ("base", compare)),
                     attention_grid(before, later, out / "attention.png", ("base", compare))]
+    else:  # a resumed study kept both conditions, so the images of its earlier run still show them
+        figures += [path for path in (out / "held_out_pairs.png", out / "attention.png") if path.exists()]
     lines = [f"# {title}", "", notes, "", report_table(results), "",
              "Rates: share of images where the toy world's evaluator finds every named shape; 95 % Wilson "
              "intervals; n = images. Weaker peak / overlap: the two objects' 16x16 cross-attention maps "

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,6 +127,7 @@ class ToyStudy:
         self.pipe, self.settings, self.progress = pipe, settings, progress
         self.results: dict = {"settings": dataclasses.asdict(settings), "conditions": {}}
         self.samples: dict[str, dict[str, Samples]] = {}  # condition -> evaluation set -> the images and maps
+        self._base_single: dict | None = None
 
     def measure(self, name: str = "base", sets: Sequence[str] = ("single", "seen", "held_out")) -> dict:
         """Measure the pipeline as it is now, on the chosen evaluation sets; recorded as condition `name`."""
@@ -148,14 +150,25 @@ class ToyStudy:
         apply_delta(self.pipe, base)  # back to the base weights (the handle is not kept: this is the base)
         return result.delta
 
+    def single_pair_seeds(self) -> tuple[list[list[str]], list[int]]:
+        """The single-shape prompts and seeds every single-pair delta is checked on (a few per shape)."""
+        return eval_set("single", max(1, self.settings.single_per_kind // len(HELD_OUT_PAIRS)))
+
+    def base_on_single_pair_seeds(self) -> dict:
+        """The base model's single-shape rate on exactly those seeds: what a delta's rate is compared with (the
+        base's own single set has more seeds, hence another rate). Call it with the base weights in place."""
+        if self._base_single is None:
+            samples = sample(self.pipe, *self.single_pair_seeds(), batch_size=self.settings.batch_size,
+                             capture=False, **self.settings.sampling)
+            self._base_single = score(samples)["all_present"]
+        return self._base_single
+
     def single_pair(self, name: str = "sepen", **overrides) -> dict:
         """One delta per held-out pair, each measured on its own pair and on single objects."""
         s = self.settings
         pair_samples, single_samples, seconds = [], [], 0.0
-        # every delta is checked on the same few seeds of every shape; the base on exactly those seeds is the
-        # reference for the change (the base's own single set has more seeds, hence another rate)
-        kinds, seeds = eval_set("single", max(1, s.single_per_kind // len(HELD_OUT_PAIRS)))
-        base_single = score(sample(self.pipe, kinds, seeds, batch_size=s.batch_size, capture=False, **s.sampling))
+        kinds, seeds = self.single_pair_seeds()
+        base_single = self.base_on_single_pair_seeds()
         for pair in HELD_OUT_PAIRS:
             start = time.perf_counter()
             delta = self.train_delta(pairs=[tuple(pair)], **overrides)
@@ -167,7 +180,7 @@ class ToyStudy:
                                              **s.sampling))
         self.samples[name] = {"held_out": _concat(pair_samples), "single": _concat(single_samples)}
         condition = {which: score(samples) for which, samples in self.samples[name].items()}
-        condition["single_base"] = base_single["all_present"]  # the base model on the same single-shape seeds
+        condition["single_base"] = base_single  # the base model on the same single-shape seeds
         condition["finetune"] = {**s.finetune, **overrides, "protocol": "single-pair", "train_seconds": round(seconds)}
         self.results["conditions"][name] = condition
         return condition
@@ -235,33 +248,68 @@ def report_table(results: dict) -> str:
 # only, K+V) and the two knobs that matter most on a new model, the learning rate and the number of steps.
 ABLATION = {"separate only": dict(lambda_en=0.0), "enhance only": dict(lambda_sep=0.0), "sepen (K+V)": dict(trainable="kv"),
             "lr 1e-05": dict(learning_rate=1e-5), "lr 1e-04": dict(learning_rate=1e-4),
-            "100 steps": dict(steps=100), "400 steps": dict(steps=400)}
+            "100 steps": dict(steps=100), "400 steps": dict(steps=400),
+            # a variant, not the paper's recipe: the losses on the model's own sampling path (random latents are
+            # far from what the toy model sees when it samples)
+            "sepen (K), trajectory latents": dict(latent_source="trajectory")}
 COMMAND = "python -m sae_utils.toyworld.study --out benchmarks/results/toy_study"
+
+
+def _plain(value):
+    return json.loads(json.dumps(value))
 
 
 def run_study(pipe, settings: StudySettings, out: str | Path, ablation: dict | None = None,
               progress: bool = True) -> Path:
-    """The full protocol: base, single-pair SepEn, multi-pair SepEn, the ablation; report.md + results.json."""
+    """The full protocol: base, single-pair SepEn, multi-pair SepEn, the ablation; report.md + results.json.
+
+    Resumable: results.json is rewritten after every condition, and a rerun into the same folder keeps the
+    conditions already measured with the same settings (the numbers are deterministic, so a condition measured
+    again would give the same), measuring only the rest: an interrupted hour is not lost, and a condition added
+    to the ablation costs only itself.
+    """
+    from ..checkpoint import atomic_write
     from .report import write_report
 
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     study = ToyStudy(pipe, settings, progress=progress)
-    study.measure("base")
-    study.single_pair("sepen (K)")
-    study.multi_pair("sepen multi-pair (K, norm loss)")
-    for name, overrides in (ABLATION if ablation is None else ablation).items():
-        study.single_pair(name, **overrides)
-    minutes = (time.perf_counter() - start) / 60
+    saved, done, minutes_before = out / "results.json", {}, 0.0
+    if saved.exists():
+        previous = json.loads(saved.read_text())
+        if previous.get("settings") != _plain(study.results["settings"]):
+            raise ValueError(f"{saved} was measured with other settings ({previous.get('settings')}); use another "
+                             "--out folder, or delete it to start again.")
+        done, minutes_before = previous["conditions"], previous.get("protocol", {}).get("minutes", 0.0)
+    single = {"sepen (K)": {}, **(ABLATION if ablation is None else ablation)}
+    plan = [("base", None, lambda: study.measure("base")),
+            ("sepen multi-pair (K, norm loss)", {**settings.multi_pair, "protocol": "multi-pair"},
+             lambda: study.multi_pair("sepen multi-pair (K, norm loss)"))]
+    plan[1:1] = [(name, {**settings.finetune, **overrides, "protocol": "single-pair"},
+                  lambda name=name, overrides=overrides: study.single_pair(name, **overrides))
+                 for name, overrides in single.items()]
+    for name, finetune, measure in plan:
+        kept = done.get(name)
+        recorded = {k: v for k, v in (kept or {}).get("finetune", {}).items() if k != "train_seconds"}
+        if kept is not None and (finetune is None or recorded == _plain(finetune)):
+            study.results["conditions"][name] = kept
+            if finetune and finetune["protocol"] == "single-pair" and "single_base" not in kept:
+                kept["single_base"] = study.base_on_single_pair_seeds()  # measured before this comparison existed
+        else:
+            measure()
+        atomic_write(saved, json.dumps(study.results, indent=1))
+    minutes = minutes_before + (time.perf_counter() - start) / 60
     study.results["protocol"] = {"command": COMMAND, "minutes": round(minutes, 1), "threads": torch.get_num_threads(),
                                  "torch": torch.__version__}
     notes = (f"The shipped toy model; evaluation seeds from {EVAL_SEED} (never used by finetuning). Single-pair "
              f"protocol: one delta per held-out pair ({len(HELD_OUT_PAIRS)} pairs), {settings.pair_per_prompt} seeds "
              f"each on its own pair and {max(1, settings.single_per_kind // len(HELD_OUT_PAIRS))} per shape on "
-             f"single shapes (every delta on every shape). Multi-pair: one delta on the {len(SEEN_PAIRS)} seen pairs "
-             f"with the norm loss, measured like the base. Finetuning: {settings.finetune}; multi-pair "
-             f"{settings.multi_pair}. `{COMMAND}` ran in {minutes:.0f} minutes on {torch.get_num_threads()} CPU "
-             "threads.")
-    return write_report(study, Path(out), "Separate-and-Enhance on the toy model: the full protocol", notes,
+             f"single shapes (every delta on every shape), compared with the base on the same seeds. Multi-pair: "
+             f"one delta on the {len(SEEN_PAIRS)} seen pairs with the norm loss, measured like the base. "
+             f"Finetuning: {settings.finetune}; multi-pair {settings.multi_pair}. `{COMMAND}` took {minutes:.0f} "
+             f"minutes of {torch.get_num_threads()} CPU threads in all.")
+    return write_report(study, out, "Separate-and-Enhance on the toy model: the full protocol", notes,
                         compare="sepen (K)")
 
 
