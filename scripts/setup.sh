@@ -13,7 +13,7 @@ if ! python -c "import torch" 2>/dev/null; then
 fi
 # Pin whatever torch is now installed, so that no dependency drags in another (multi-GB CUDA) build.
 constraints=$(mktemp)
-python -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > "$constraints"
+python -c "from importlib.metadata import version; print('torch==' + version('torch').split('+')[0])" > "$constraints"
 pip_install -c "$constraints" -e ".[test,notebooks,eval]"
 # Tests only: one test checks the CLIP templates against open_clip's copy (its dependencies would pull
 # torchvision, hence --no-deps).
