@@ -12,6 +12,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt  # headless machines get the Agg backend by themselves
 import numpy as np
 
+from ..checkpoint import atomic_write
 from .evaluator import objects_present
 from .study import Samples, ToyStudy, base_rate, difference, report_table
 
@@ -103,7 +104,7 @@ def write_report(study: ToyStudy, out: Path, title: str, notes: str = "", compar
     base, after = results["conditions"]["base"], results["conditions"][compare]
     results["differences"] = {key: difference(base_rate(results, compare, key), after[key]["all_present"])
                               for key in SETS if key in base and key in after}
-    (out / "results.json").write_text(json.dumps(results, indent=1))
+    atomic_write(out / "results.json", json.dumps(results, indent=1))  # never half a results file
     figures = [rates_chart(results, out / "rates.png")]
     if "held_out" in study.samples.get("base", {}) and "held_out" in study.samples.get(compare, {}):
         before, later = study.samples["base"]["held_out"], study.samples[compare]["held_out"]
@@ -124,6 +125,6 @@ def write_report(study: ToyStudy, out: Path, title: str, notes: str = "", compar
         lines += ["Both present, per held-out pair (base -> after):", "", "| pair | base | after |", "|---|---|---|"]
         lines += [f"| {pair} | {base['held_out']['per_prompt'].get(pair, '')} | {rate} |"
                   for pair, rate in per_pair.items()]
-    (out / "report.md").write_text("\n".join(lines) + "\n")
+    atomic_write(out / "report.md", "\n".join(lines) + "\n")
     return out / "report.md"
 

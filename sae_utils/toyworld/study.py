@@ -255,8 +255,8 @@ ABLATION = {"separate only": dict(lambda_en=0.0), "enhance only": dict(lambda_se
 COMMAND = "python -m sae_utils.toyworld.study --out benchmarks/results/toy_study"
 
 
-def _plain(value):
-    return json.loads(json.dumps(value))
+def _as_json(value):
+    return json.loads(json.dumps(value))  # tuples become lists, as in a results.json read back
 
 
 def run_study(pipe, settings: StudySettings, out: str | Path, ablation: dict | None = None,
@@ -278,21 +278,22 @@ def run_study(pipe, settings: StudySettings, out: str | Path, ablation: dict | N
     saved, done, minutes_before = out / "results.json", {}, 0.0
     if saved.exists():
         previous = json.loads(saved.read_text())
-        if previous.get("settings") != _plain(study.results["settings"]):
+        if previous.get("settings") != _as_json(study.results["settings"]):
             raise ValueError(f"{saved} was measured with other settings ({previous.get('settings')}); use another "
                              "--out folder, or delete it to start again.")
         done, minutes_before = previous["conditions"], previous.get("protocol", {}).get("minutes", 0.0)
+    # (condition, the finetuning it records, how to measure it), in the order of the report
     single = {"sepen (K)": {}, **(ABLATION if ablation is None else ablation)}
-    plan = [("base", None, lambda: study.measure("base")),
-            ("sepen multi-pair (K, norm loss)", {**settings.multi_pair, "protocol": "multi-pair"},
-             lambda: study.multi_pair("sepen multi-pair (K, norm loss)"))]
-    plan[1:1] = [(name, {**settings.finetune, **overrides, "protocol": "single-pair"},
-                  lambda name=name, overrides=overrides: study.single_pair(name, **overrides))
-                 for name, overrides in single.items()]
+    plan = [("base", None, lambda: study.measure("base"))]
+    plan += [(name, {**settings.finetune, **overrides, "protocol": "single-pair"},
+              lambda name=name, overrides=overrides: study.single_pair(name, **overrides))
+             for name, overrides in single.items()]
+    multi = "sepen multi-pair (K, norm loss)"
+    plan += [(multi, {**settings.multi_pair, "protocol": "multi-pair"}, lambda: study.multi_pair(multi))]
     for name, finetune, measure in plan:
         kept = done.get(name)
         recorded = {k: v for k, v in (kept or {}).get("finetune", {}).items() if k != "train_seconds"}
-        if kept is not None and (finetune is None or recorded == _plain(finetune)):
+        if kept is not None and (finetune is None or recorded == _as_json(finetune)):
             study.results["conditions"][name] = kept
             if finetune and finetune["protocol"] == "single-pair" and "single_base" not in kept:
                 kept["single_base"] = study.base_on_single_pair_seeds()  # measured before this comparison existed
