@@ -252,8 +252,9 @@ class Finetuner:
 
     @torch.no_grad()
     def trajectory_inputs(self, samples: Sequence[PairPrompt], step: int, start: int):
-        """The model's own sampling path for each prompt (its sampler, its guidance, the current weights),
-        stopped at one random step whose timestep lies in timestep_range: (latents, timesteps) as there."""
+        """The model's own sampling path for each prompt (a DDIM sampler with the model's step count and guidance,
+        the current weights), stopped at one random step whose timestep lies in timestep_range: (latents,
+        timesteps) as there. DDIM whatever the pipeline's scheduler: a deterministic path, cheap to stop anywhere."""
         from diffusers import DDIMScheduler
 
         from .sampling import sampler_defaults
