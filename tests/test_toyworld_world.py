@@ -145,24 +145,44 @@ def test_colour_words_appear_independently_at_rate_p_color():
     assert all(abs(named[i] / 2000 - 0.3) < 0.04 for i in (0, 1))
 
 
-def test_pair_split_is_frozen_and_two_regular():
+def test_pair_splits_are_frozen_and_two_regular():
+    from sae_utils.toyworld.world import (COLLIDE_SPLIT, CYCLE_SPLIT, DEFAULT_SPLIT, PairSplit, model_split,
+                                          pair_split)
+
     assert len(ALL_PAIRS) == 28 and len(set(ALL_PAIRS)) == 28
-    assert len(HELD_OUT_PAIRS) == 8 and len(SEEN_PAIRS) == 20
-    assert set(HELD_OUT_PAIRS) | set(SEEN_PAIRS) == set(ALL_PAIRS)
-    assert not set(HELD_OUT_PAIRS) & set(SEEN_PAIRS)
-    degree = Counter(k for pair in HELD_OUT_PAIRS for k in pair)
-    assert degree == {k: 2 for k in KINDS}, "every kind is held out in exactly two pairs"
-    # one 8-cycle, not two 4-cycles: walking the held-out pairs from any kind visits all kinds
+    for split in (CYCLE_SPLIT, COLLIDE_SPLIT):
+        assert len(split.held_out) == 8 and len(split.seen) == 20
+        assert set(split.held_out) | set(split.seen) == set(ALL_PAIRS) and not set(split.held_out) & set(split.seen)
+        degree = Counter(k for pair in split.held_out for k in pair)
+        assert degree == {k: 2 for k in KINDS}, "every kind is held out in exactly two pairs"
+    # v1 (cycle): one 8-cycle, not two 4-cycles: walking the held-out pairs from any kind visits all kinds
     seen, frontier = set(), ["circle"]
     while frontier:
         k = frontier.pop()
         seen.add(k)
-        frontier += [b if a == k else a for a, b in HELD_OUT_PAIRS if k in (a, b) and ({a, b} - seen)]
+        frontier += [b if a == k else a for a, b in CYCLE_SPLIT.held_out if k in (a, b) and ({a, b} - seen)]
     assert seen == set(KINDS)
-    for look_alike in (("circle", "ring"), ("circle", "moon"), ("ring", "moon")):
-        assert look_alike in SEEN_PAIRS
-    assert HELD_OUT_PAIRS == (("circle", "triangle"), ("circle", "star"), ("square", "ring"), ("square", "moon"),
-                              ("triangle", "heart"), ("star", "ring"), ("heart", "cross"), ("cross", "moon"))
+    assert CYCLE_SPLIT.held_out == (("circle", "triangle"), ("circle", "star"), ("square", "ring"),
+                                    ("square", "moon"), ("triangle", "heart"), ("star", "ring"), ("heart", "cross"),
+                                    ("cross", "moon"))
+    # v2 (collide): look-alike targets, unlike controls; the default, and what the module's names mean
+    assert COLLIDE_SPLIT.held_out_target == (("circle", "ring"), ("star", "cross"), ("heart", "cross"),
+                                             ("ring", "moon"))
+    assert COLLIDE_SPLIT.held_out_control == (("circle", "triangle"), ("square", "star"), ("square", "heart"),
+                                              ("triangle", "moon"))
+    assert DEFAULT_SPLIT is COLLIDE_SPLIT and HELD_OUT_PAIRS == COLLIDE_SPLIT.held_out
+    assert SEEN_PAIRS == COLLIDE_SPLIT.seen and pair_split("cycle") is CYCLE_SPLIT
+    with pytest.raises(ValueError, match="unknown pair split"):
+        pair_split("diagonal")
+    # a model folder says which split it was trained on; one exported before that field is v1
+    info = {"pairs": {"split": "collide", "seen": [list(p) for p in COLLIDE_SPLIT.seen],
+                      "held_out_target": [list(p)[::-1] for p in COLLIDE_SPLIT.held_out_target],
+                      "held_out_control": [list(p) for p in COLLIDE_SPLIT.held_out_control]}}
+    assert model_split(info) == COLLIDE_SPLIT and model_split({}) is CYCLE_SPLIT
+    info["pairs"]["seen"] = info["pairs"]["seen"][1:]
+    with pytest.raises(ValueError, match="complement"):
+        model_split(info)
+    assert isinstance(model_split({"vocabulary": []}), PairSplit)
 
 
 def test_object_masks_cover_each_object_where_it_is_drawn():

@@ -31,14 +31,73 @@ MAX_ANGLE = 20.0  # degrees; more and a square reads as a diamond, a cross as an
 MARGIN = 0.04  # gap between bounding circles, of the image side (about 1 px at 32 px)
 
 ALL_PAIRS: tuple[tuple[str, str], ...] = tuple(itertools.combinations(KINDS, 2))
-# The 8-cycle circle-star-ring-square-moon-cross-heart-triangle-circle: every kind is held out in
-# exactly two pairs, and the look-alike pairs (circle/ring, circle/moon, ring/moon) stay SEEN, so
-# the generator learns to tell them apart side by side; held-out pairs test composition, not
-# discrimination of near-identical shapes.
+
+
+@dataclass(frozen=True)
+class PairSplit:
+    """Which pairs of kinds a toy model saw together in training, and which it never did.
+
+    held_out_target: never together in training, and chosen to fail: look-alike shapes, whose words' keys
+        are likely to collide, so the two words compete for the same pixels (the failure SepEn targets).
+    held_out_control: never together either, but unlike shapes, which a fluent model should compose anyway:
+        they tell a compositional failure from a plain "never saw it" one, and a fix from damage.
+    """
+    name: str
+    held_out_target: tuple[tuple[str, str], ...]
+    held_out_control: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def held_out(self) -> tuple[tuple[str, str], ...]:
+        return self.held_out_target + self.held_out_control
+
+    @property
+    def seen(self) -> tuple[tuple[str, str], ...]:
+        return tuple(p for p in ALL_PAIRS if p not in self.held_out)
+
+
+def _canonical(pairs) -> tuple[tuple[str, str], ...]:
+    """Pairs spelt and ordered as in ALL_PAIRS."""
+    return tuple(sorted((tuple(sorted(p, key=KINDS.index)) for p in pairs), key=ALL_PAIRS.index))
+
+
+# The toy model v1 (benchmarks/results/toy_v1): the 8-cycle circle-star-ring-square-moon-cross-heart-triangle,
+# every kind held out in two pairs, look-alike pairs seen. It composed held-out pairs as well as seen ones.
 _CYCLE = ("circle", "star", "ring", "square", "moon", "cross", "heart", "triangle")
-HELD_OUT_PAIRS: tuple[tuple[str, str], ...] = tuple(
-    p for p in ALL_PAIRS if any({*p} == {a, b} for a, b in zip(_CYCLE, _CYCLE[1:] + _CYCLE[:1])))
-SEEN_PAIRS: tuple[tuple[str, str], ...] = tuple(p for p in ALL_PAIRS if p not in HELD_OUT_PAIRS)
+CYCLE_SPLIT = PairSplit("cycle", _canonical(zip(_CYCLE, _CYCLE[1:] + _CYCLE[:1])))
+# The toy model v2 (shipped): four look-alike pairs held out as targets, four unlike pairs held out as controls;
+# every kind is held out in exactly two pairs and seen beside the five others.
+COLLIDE_SPLIT = PairSplit(
+    "collide",
+    held_out_target=_canonical([("circle", "ring"), ("ring", "moon"), ("heart", "cross"), ("star", "cross")]),
+    held_out_control=_canonical([("circle", "triangle"), ("square", "star"), ("triangle", "moon"),
+                                 ("square", "heart")]))
+SPLITS = {split.name: split for split in (CYCLE_SPLIT, COLLIDE_SPLIT)}
+DEFAULT_SPLIT = COLLIDE_SPLIT
+
+
+def pair_split(name: str) -> PairSplit:
+    if name not in SPLITS:
+        raise ValueError(f"unknown pair split {name!r}; known splits: {', '.join(SPLITS)}")
+    return SPLITS[name]
+
+
+def model_split(info: dict) -> PairSplit:
+    """The split a toy model was trained with, from its toy_model.json (`models.model_info`): its "pairs" field;
+    a model exported before the field existed (toy v1) was trained on the cycle split."""
+    pairs = info.get("pairs")
+    if not pairs:
+        return CYCLE_SPLIT
+    split = PairSplit(pairs["split"], _canonical(pairs["held_out_target"]), _canonical(pairs["held_out_control"]))
+    if set(split.seen) != set(_canonical(pairs["seen"])):
+        raise ValueError(f"toy_model.json lists seen pairs that are not the complement of its held-out pairs "
+                         f"(split {pairs['split']!r}): the file was edited or is corrupt; re-export the model.")
+    return split
+
+
+# The default split's pairs, by name (a model's own split is in its toy_model.json: see toy_split)
+HELD_OUT_PAIRS = DEFAULT_SPLIT.held_out
+TARGET_PAIRS, CONTROL_PAIRS = DEFAULT_SPLIT.held_out_target, DEFAULT_SPLIT.held_out_control
+SEEN_PAIRS = DEFAULT_SPLIT.seen
 
 
 def make_rng(seed: int, *stream: int) -> np.random.Generator:
