@@ -1,8 +1,11 @@
 """Capture cross-attention maps from a diffusers UNet, with attention processors.
 
-    with capture_cross_attention(pipe) as store:           # default: the layers whose maps are 16x16
+    with capture_cross_attention(pipe) as store:           # default: the model's map level (SD v1: 16x16)
         image = pipe("a cat and a dog", guidance_scale=7.5).images[0]
     maps = store.word_maps("a cat and a dog", ["cat", "dog"])   # (B, 2, 16, 16)
+
+Which layers: each model reads its object-level maps at one level, `map_resolution(model)`: for Stable
+Diffusion v1 at 512 px the 16x16 layers (as SepEn and Attend-and-Excite), for the toy model 8x8.
 
 How it works, in diffusers' own terms: every `Attention` module delegates its computation to a processor.
 On the chosen cross-attention layers, `capture_cross_attention` installs a `CrossAttentionCaptureProcessor`,
@@ -55,6 +58,34 @@ def cross_attention_layers(unet) -> dict[str, int]:
     return layers
 
 
+def map_resolution(model, latent_size: int | None = None) -> int:
+    """The side of the cross-attention maps where this model's objects are decided: what every default reads.
+
+    A model folder may declare it (`toy_model.json`: "map_resolution", at the model's own image size). Otherwise it
+    is the deepest cross-attention level of the UNet's down blocks, where an object covers a few map pixels:
+    Stable Diffusion v1 and v2 at their native sizes 16x16 and 24x24 (latents / 4), the toy model 8x8 (latents / 2;
+    its 16x16 layers are the counterpart of SD's 64x64 ones), `tiny` 8x8 (the same layers as SD v1's 16x16 ones).
+    The mid block is not counted: at the bottom of the UNet its maps are too coarse to place objects (SD v1: 8x8).
+
+    model: a pipeline or a bare UNet. latent_size: the latent's side if not the UNet's `sample_size` (another image
+    size keeps the level, so the resolution scales with it).
+    """
+    from .models import model_info
+
+    unet = getattr(model, "unet", model)
+    native = unet.config.sample_size
+    latent_size = latent_size or native
+    declared = model_info(model).get("map_resolution") if unet is not model else None
+    if declared:
+        factor = native // int(declared)
+    else:
+        down = [f for name, f in cross_attention_layers(unet).items() if name.startswith("down_blocks")]
+        if not down:
+            raise ValueError("This UNet has no cross-attention in its down blocks; pass `resolution` or `layers`.")
+        factor = max(down)
+    return latent_size // factor
+
+
 def layers_at_resolution(unet, resolution: int = 16, latent_size: int | None = None) -> list[str]:
     """Names of the cross-attention layers whose maps are `resolution` x `resolution`.
 
@@ -79,10 +110,15 @@ class CrossAttentionCaptureProcessor:
 
     Numerically the same function as diffusers' `AttnProcessor2_0` (within float rounding). The softmax is
     taken in float32, as the UNet's own `upcast_softmax` does, so that fp16/bf16 maps are not quantised.
+    `adjust_scores` is the one place a subclass may change the attention logits (see `TokenBoostProcessor`).
     """
 
-    def __init__(self, store: "AttentionStore", layer: str):
+    def __init__(self, store: "AttentionStore | None", layer: str):
         self.store, self.layer = store, layer
+
+    def adjust_scores(self, scores: torch.Tensor) -> torch.Tensor:
+        """scores: (B, heads, L, T) attention logits; returned as they are."""
+        return scores
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                  *args, **kwargs):
@@ -110,13 +146,81 @@ class CrossAttentionCaptureProcessor:
         if attention_mask is not None:
             mask = attn.prepare_attention_mask(attention_mask, key.shape[2], batch)
             scores = scores + mask.view(batch, attn.heads, -1, mask.shape[-1]).float()
-        probs = scores.softmax(dim=-1)  # (B, heads, L, T): each pixel's distribution over the T tokens
-        self.store.record(self.layer, probs)
+        probs = self.adjust_scores(scores).softmax(dim=-1)  # (B, heads, L, T): each pixel's distribution over tokens
+        if self.store is not None:
+            self.store.record(self.layer, probs)
         hidden_states = (probs.to(value.dtype) @ value).transpose(1, 2).reshape(batch, -1, attn.heads * head_dim)
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
         if attn.residual_connection:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
+
+
+class TokenBoostProcessor(CrossAttentionCaptureProcessor):
+    """Adds a bias to chosen tokens' attention logits (an intervention, not a capture): every pixel then attends
+    more to those tokens. The bias and the steps it applies in are held by a `TokenBoost` shared by all layers."""
+
+    def __init__(self, boost: "TokenBoost", layer: str):
+        super().__init__(store=None, layer=layer)
+        self.boost = boost
+
+    def adjust_scores(self, scores: torch.Tensor) -> torch.Tensor:
+        bias = self.boost.current_bias(scores.shape[0])
+        return scores if bias is None else scores + bias.to(scores.device)[:, None, None, :]
+
+
+class TokenBoost:
+    """bias: (B, T) logits to add for the B images of a pipeline call (the conditional half under classifier-free
+    guidance: the unconditional prompt names no object); steps: the UNet calls (0-based) it applies in."""
+
+    def __init__(self, bias: torch.Tensor, steps: Sequence[int] | None = None):
+        if bias.ndim != 2:
+            raise ValueError(f"bias must be (B, T): one row of token logits per image, got {tuple(bias.shape)}.")
+        self.bias, self.steps = bias.float(), None if steps is None else set(steps)
+        self.step = -1
+
+    def begin_step(self) -> None:
+        self.step += 1
+
+    def current_bias(self, batch: int) -> torch.Tensor | None:
+        if self.steps is not None and self.step not in self.steps:
+            return None
+        images = self.bias.shape[0]
+        if batch == images:
+            return self.bias
+        if batch == 2 * images:  # [unconditional, conditional]: the empty prompt is left alone
+            return torch.cat([torch.zeros_like(self.bias), self.bias])
+        raise ValueError(f"A UNet batch of {batch} for a boost of {images} images: give one bias row per image.")
+
+
+@contextmanager
+def boost_tokens(model, bias: torch.Tensor, steps: Sequence[int] | None = None, resolution: int | None = None,
+                 layers: Sequence[str] | None = None, latent_size: int | None = None) -> Iterator[TokenBoost]:
+    """Raise (or lower) chosen tokens' cross-attention logits while sampling: the causal test of a premise.
+
+        bias = torch.zeros(1, 77); bias[0, positions_of_frog] = 1.0
+        with boost_tokens(pipe, bias, steps=range(25)):         # the first 25 of 50 steps
+            image = pipe("a cat and a frog").images[0]
+
+    bias: (B, T) added to the logits of the B images' conditional pass. steps: the UNet calls it applies in
+    (default all). resolution/layers: as `capture_cross_attention` (default: the model's map level).
+    On exit the previous processors are restored and the hook removed.
+    """
+    unet = getattr(model, "unet", model)
+    if layers is None:
+        layers = layers_at_resolution(unet, resolution or map_resolution(model, latent_size), latent_size)
+    boost = TokenBoost(bias, steps)
+    previous = unet.attn_processors
+    processors = dict(previous)
+    for name in layers:
+        processors[f"{name}.processor"] = TokenBoostProcessor(boost, name)
+    unet.set_attn_processor(processors)
+    hook = unet.register_forward_pre_hook(lambda module, args: boost.begin_step())
+    try:
+        yield boost
+    finally:
+        hook.remove()
+        unet.set_attn_processor(dict(previous))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -282,7 +386,7 @@ def forward_until_captured(unet, *args, **kwargs):
 
 
 @contextmanager
-def capture_cross_attention(model, resolution: int | None = 16, layers: Sequence[str] | None = None,
+def capture_cross_attention(model, resolution: int | None = None, layers: Sequence[str] | None = None,
                             keep: Keep = "mean", heads: str = "mean", cfg="auto",
                             latent_size: int | None = None,
                             stop_when_complete: bool = False) -> Iterator[AttentionStore]:
@@ -290,7 +394,8 @@ def capture_cross_attention(model, resolution: int | None = 16, layers: Sequence
 
     model: a `StableDiffusionPipeline` (its tokenizer and guidance setting are used) or a `UNet2DConditionModel`.
     resolution: capture the layers whose maps are resolution x resolution for a latent of `latent_size`
-        (default the UNet's sample_size); ignored when `layers` names the layers explicitly.
+        (default the UNet's sample_size); None: the model's own, `map_resolution(model)`. Ignored when `layers`
+        names the layers explicitly.
     stop_when_complete: training only; stop the UNet forward once every captured layer has recorded (call
         the UNet through `forward_until_captured`).
     Yields the `AttentionStore`. On exit the previous processors are restored and the hook removed.
@@ -299,8 +404,7 @@ def capture_cross_attention(model, resolution: int | None = 16, layers: Sequence
     pipeline = model if unet is not model else None
     all_layers = cross_attention_layers(unet)
     if layers is None:
-        if resolution is None:
-            raise ValueError("Pass a `resolution` (e.g. 16) or an explicit list of `layers`.")
+        resolution = resolution or map_resolution(model, latent_size)
         layers = layers_at_resolution(unet, resolution, latent_size)
     unknown = [name for name in layers if name not in all_layers]
     if unknown:

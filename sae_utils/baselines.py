@@ -1,7 +1,8 @@
 """Test-time baselines: Attend-and-Excite (Chefer et al., SIGGRAPH 2023) and SepEn's test-time variant.
 
-Both nudge the noisy latents during the first denoising steps, by gradient descent on a loss of the 16x16
-cross-attention maps of the conditional branch, then take the ordinary classifier-free-guided step:
+Both nudge the noisy latents during the first denoising steps, by gradient descent on a loss of the model's
+map-level cross-attention (`attention.map_resolution`: 16x16 for SD v1, 8x8 for the toy) in the conditional
+branch, then take the ordinary classifier-free-guided step:
 
     generators = [torch.Generator().manual_seed(seed) for seed in range(4)]
     out = attend_and_excite(pipe, "a cat and a dog", ["cat", "dog"], generators)
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .attention import capture_cross_attention, forward_until_captured
+from .attention import capture_cross_attention, forward_until_captured, map_resolution
 from .losses import attend_and_excite_loss, attend_and_excite_token_maps, object_peaks, sepen_loss_terms
 from .maps import gather_word_maps
 from .tokens import WordSpec, count_tokens, word_token_positions
@@ -95,14 +96,14 @@ def attend_and_excite(pipe, prompt: str, words: Sequence[WordSpec], generator, n
                       guidance_scale: float = 7.5, max_iter_to_alter: int = AAE_MAX_ITER_TO_ALTER,
                       scale_factor: float = AAE_SCALE_FACTOR, thresholds: dict[int, float] | None = None,
                       max_refinement_steps: int = AAE_MAX_REFINEMENT_STEPS, step_size_schedule: str = "sqrt",
-                      height: int | None = None, width: int | None = None, resolution: int = 16,
+                      height: int | None = None, width: int | None = None, resolution: int | None = None,
                       capture_attention: bool = False) -> OptimisedSamples:
     """Attend-and-Excite: images of `prompt` whose object `words` are each strongly attended to.
 
     generator: a torch.Generator (one image) or a list of them (one image each, drawn as one batch).
     At each of the first `max_iter_to_alter` denoising steps i (of the scheduler's timesteps):
     1. run the UNet on the current latents z with the prompt's embeddings alone (the conditional branch, no
-       classifier-free batch), with gradients w.r.t. z, capturing the 16x16 cross-attention (mean over layers
+       classifier-free batch), with gradients w.r.t. z, capturing the map-level cross-attention (mean over layers
        and heads);
     2. maps: `attend_and_excite_token_maps` (start token dropped, the prompt's tokens x100 and softmaxed over
        them); a word of several tokens gets the sum of its tokens' maps (the public code handles single-token
@@ -148,12 +149,12 @@ def sepen_test_time(pipe, prompt: str, words: Sequence[WordSpec], generator, num
                     scale_factor: float = AAE_SCALE_FACTOR, loss_targets: dict[int, float] | None = None,
                     max_refinement_steps: int = AAE_MAX_REFINEMENT_STEPS, step_size_schedule: str = "sqrt",
                     lambda_sep: float = 1.0, lambda_en: float = 0.5, height: int | None = None,
-                    width: int | None = None, resolution: int = 16, capture_attention: bool = False,
+                    width: int | None = None, resolution: int | None = None, capture_attention: bool = False,
                     ) -> OptimisedSamples:
     """SepEn's test-time variant: Attend-and-Excite's latent optimisation with the SepEn loss instead.
 
     The loss is `sepen_loss` (lambda_sep * separate + lambda_en * enhance, defaults 1 and 0.5) on the plain
-    cross-attention probabilities of the object words (softmax over all 77 tokens, start token kept, 16x16 layers
+    cross-attention probabilities of the object words (softmax over all 77 tokens, start token kept, map-level layers
     averaged; several tokens of a word summed), as in finetuning. The log's "peaks" are those maps' smoothed peaks.
 
     Assumptions (sepen-facts.md names this variant and its results but gives no schedule):
@@ -188,7 +189,7 @@ def optimise_and_sample(pipe, prompt: str, positions: Sequence[Sequence[int]], g
                         num_inference_steps: int, guidance_scale: float, max_iter_to_alter: int,
                         scale_factor: float, loss_targets: dict[int, float], max_refinement_steps: int,
                         step_size_schedule: str = "sqrt", height: int | None = None, width: int | None = None,
-                        resolution: int = 16, capture_attention: bool = False) -> OptimisedSamples:
+                        resolution: int | None = None, capture_attention: bool = False) -> OptimisedSamples:
     """Classifier-free-guided sampling whose latents are optimised on `objective` in the first steps.
 
     positions: the K object words' token positions in `prompt` (word_token_positions). objective: token maps
@@ -226,6 +227,7 @@ def optimise_and_sample(pipe, prompt: str, positions: Sequence[Sequence[int]], g
     word_positions = [list(positions)] * batch
     log, maps_sum = [], None
 
+    resolution = resolution or map_resolution(pipe, height // pipe.vae_scale_factor)  # a bare UNet declares none
     with capture_cross_attention(unet, resolution=resolution, latent_size=height // pipe.vae_scale_factor,
                                  keep="last", cfg=False) as store:
         def loss_and_grad(z: torch.Tensor, t) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

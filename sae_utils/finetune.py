@@ -6,7 +6,7 @@
     result.delta                           # the trained tensors + metadata (see sae_utils.delta)
 
 One step (data-free, as in the reference code): random latents (N(0, 1) times the autoencoder's scaling
-factor), a random timestep, noise; the UNet runs on "a photo of a {a} and a {b}"; the 16x16 cross-attention
+factor), a random timestep, noise; the UNet runs on "a photo of a {a} and a {b}"; the map-level cross-attention
 maps of the two words give `sepen_loss`; gradients reach only the trainable tensors; AdamW with clipping.
 
 Every sample of a step is a pure function of (seed, step, its index in the global batch), and gradients are
@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import delta as deltas
-from .attention import capture_cross_attention, forward_until_captured
+from .attention import capture_cross_attention, forward_until_captured, map_resolution
 from .checkpoint import atomic_write, load_checkpoint, optimizer_from_tensors, optimizer_to_tensors, save_checkpoint
 from .losses import sepen_loss_terms
 from .models import DEFAULT_MODEL, load_pipeline, model_info
@@ -56,7 +56,7 @@ class FinetuneConfig:
     lambda_sep: float = 1.0
     lambda_en: float = 0.5
     kernel_reading: str = "reference"
-    map_resolution: int = 16  # the cross-attention maps the losses read
+    map_resolution: int | None = None  # the side of the maps the losses read; None: the model's (SD v1 16, toy 8)
     norm_loss_weight: float = 0.0  # prior preservation; the reference uses 0.5 for multi-concept training
     prior_template: str = PRIOR_TEMPLATE
     # optimisation
@@ -173,6 +173,7 @@ class Finetuner:
         self.noise_scheduler = _training_scheduler(self.pipe)
         self.latent_size = (config.image_size or self.unet.config.sample_size * self.pipe.vae_scale_factor) \
             // self.pipe.vae_scale_factor
+        self.map_resolution = config.map_resolution or map_resolution(self.pipe, self.latent_size)
 
         # Freeze everything; the trainable tensors live in float32 (fp16 master weights cannot be unscaled).
         self.pipe.unet.requires_grad_(False)
@@ -293,7 +294,7 @@ class Finetuner:
         if self._store is not None:
             yield self._store
             return
-        with capture_cross_attention(self.unet, resolution=self.config.map_resolution, latent_size=self.latent_size,
+        with capture_cross_attention(self.unet, resolution=self.map_resolution, latent_size=self.latent_size,
                                      keep="last", cfg=False) as store:
             self._store = store
             try:
@@ -552,6 +553,7 @@ class Finetuner:
         c = self.config
         metadata = {"base_model": c.model, "trainable": c.trainable, "layers": c.layers,
                     "concepts": self.sampler.words, "pairs": c.pairs, "steps": self.step,
+                    "map_resolution": self.map_resolution,
                     "config": c.to_json()}
         return deltas.extract_delta(self.unet, self.trainable_names, metadata)
 

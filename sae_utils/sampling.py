@@ -88,7 +88,7 @@ class GenerationConfig:
     width: int | None = None
     output_dir: str = "runs/generate"
     capture_attention: bool = False  # save each image's word maps (maps/...safetensors) and attention stats
-    map_resolution: int = 16  # the cross-attention maps captured and optimised (16x16, as SepEn and A&E)
+    map_resolution: int | None = None  # the maps captured and optimised; None: the model's (SD v1 16x16, toy 8x8)
     # the test-time methods (baselines.py)
     max_iter_to_alter: int | None = None  # None: A&E's schedule placed for the step count (25 of 50)
     scale_factor: float = 20.0
@@ -290,15 +290,17 @@ def file_digest(path: str | os.PathLike) -> str:
 # One batch: images of one prompt for some seeds
 # ----------------------------------------------------------------------------------------------------------
 def sample_batch(pipe, method: str, prompt: str, words: Sequence[str], seeds: Sequence[int], settings: dict,
-                 method_settings: dict, capture_attention: bool = False, map_resolution: int = 16) -> dict:
+                 method_settings: dict, capture_attention: bool = False, map_resolution: int | None = None) -> dict:
     """Images of `prompt` for `seeds`, drawn as one batch; each from `torch.Generator().manual_seed(seed)`.
 
     settings: num_inference_steps, guidance_scale, height, width. method_settings: the test-time method's
     keywords (see baselines). Returns {"images": [PIL], "word_maps": (B, K, h, w) or None, "per_image": [dict]}
     where per_image holds what each image's metadata record adds (test-time losses, nsfw flag).
     """
-    from .attention import capture_cross_attention
+    from .attention import capture_cross_attention, map_resolution as model_map_resolution
     from .baselines import attend_and_excite, sepen_test_time
+
+    map_resolution = map_resolution or model_map_resolution(pipe, settings["height"] // pipe.vae_scale_factor)
 
     generators = [torch.Generator().manual_seed(seed) for seed in seeds]
     per_image = [{} for _ in seeds]
@@ -416,6 +418,8 @@ def generate(config: GenerationConfig, pipe=None) -> GenerationSummary:
 
 def run_settings(config: GenerationConfig, pipe, delta=None) -> tuple[dict, dict, dict]:
     """(sampler settings, test-time method keywords, the run's description for run.json and every record)."""
+    from .attention import map_resolution
+
     settings = {**method_sampler_defaults(pipe, config.method),
                 **{k: getattr(config, k) for k in ("num_inference_steps", "guidance_scale")
                    if getattr(config, k) is not None}}
@@ -428,7 +432,7 @@ def run_settings(config: GenerationConfig, pipe, delta=None) -> tuple[dict, dict
     run = {"model": config.model, "delta": delta_info, "method": config.method, "label": run_label(config),
            "sampler": {**settings, "scheduler": type(pipe.scheduler).__name__},
            "method_settings": _jsonable(method_settings), "capture_attention": config.capture_attention,
-           "map_resolution": config.map_resolution}
+           "map_resolution": config.map_resolution or map_resolution(pipe, settings["height"] // pipe.vae_scale_factor)}
     return settings, method_settings, run
 
 

@@ -31,20 +31,23 @@ def test_maps_are_probabilities_over_tokens(tiny):
         tiny.unet(sample, t, text)
     for layer in store.layers:
         maps = store.layer_maps(layer)  # (B, heads, T, h, w)
-        assert maps.shape[:3] == (2, 8, 77) and maps.shape[-2:] == (16, 16)
-        torch.testing.assert_close(maps.sum(dim=2), torch.ones(2, 8, 16, 16), atol=1e-5, rtol=0)
-    assert store.token_maps().shape == (2, 77, 16, 16)
+        assert maps.shape[:3] == (2, 8, 77) and maps.shape[-2:] == (8, 8)  # tiny's map level: SD v1's 16x16 layers
+        torch.testing.assert_close(maps.sum(dim=2), torch.ones(2, 8, 8, 8), atol=1e-5, rtol=0)
+    assert store.token_maps().shape == (2, 77, 8, 8)
 
 
-def test_default_layers_are_the_16x16_ones_and_others_keep_sdpa(tiny):
+def test_default_layers_are_the_map_level_ones_and_others_keep_sdpa(tiny):
     before = dict(tiny.unet.attn_processors)
     with capture_cross_attention(tiny) as store:
         processors = tiny.unet.attn_processors
         captured = {name for name, p in processors.items() if isinstance(p, CrossAttentionCaptureProcessor)}
-        assert captured == {f"{name}.processor" for name in layers_at_resolution(tiny.unet, 16)}
+        # the layers SD v1 reads at 16x16 (down_blocks.2, up_blocks.1): 8x8 on tiny's 32x32 latent
+        assert captured == {f"{name}.processor" for name in layers_at_resolution(tiny.unet, 8)}
+        assert {name.split(".attentions")[0] for name in store.layers} == {"down_blocks.2", "up_blocks.1"}
         assert all(isinstance(p, AttnProcessor2_0) for name, p in processors.items() if name not in captured)
-        assert set(store.layers) == set(layers_at_resolution(tiny.unet, 16))
     assert all(tiny.unet.attn_processors[name] is p for name, p in before.items())
+    with capture_cross_attention(tiny, resolution=16) as store:  # an explicit resolution wins
+        assert set(store.layers) == set(layers_at_resolution(tiny.unet, 16))
 
 
 def test_previous_processors_are_restored_even_after_an_error(tiny):
@@ -139,7 +142,7 @@ def test_word_maps_follow_the_tokens(tiny):
         tiny(prompt, num_inference_steps=2, num_images_per_prompt=2)
     tokens = store.token_maps()
     words = store.word_maps(prompt, ["hippopotamus", "cat"])
-    assert words.shape == (2, 2, 16, 16)
+    assert words.shape == (2, 2, 8, 8)
     torch.testing.assert_close(words[:, 0], tokens[:, 5:8].sum(1))
     torch.testing.assert_close(words[:, 1], tokens[:, 10])
     mean = store.word_maps(prompt, ["hippopotamus"], combine="mean")
@@ -174,4 +177,4 @@ def test_maps_follow_the_latent_aspect_ratio(tiny):
     text = torch.randn(1, 77, 32)
     with torch.no_grad(), capture_cross_attention(tiny) as store:
         tiny.unet(sample, 10, text)
-    assert store.token_maps().shape == (1, 77, 16, 24)
+    assert store.token_maps().shape == (1, 77, 8, 12)

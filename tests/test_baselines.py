@@ -38,12 +38,14 @@ def test_step_sizes_and_schedule():
 
 
 def test_nothing_altered_is_the_pipeline(tiny):
-    """With no altered step, the hand-written loop must give the pipeline's own images, bit for bit."""
+    """With no altered step, the hand-written loop must give the pipeline's own images: the capture processors on
+    the map layers compute attention explicitly, the pipeline's own SDPA, so at most a grey level of rounding."""
     reference = tiny(PROMPT, generator=generators(0, 1), num_images_per_prompt=2, num_inference_steps=3,
                      guidance_scale=7.5, **SIZE).images
     out = attend_and_excite(tiny, PROMPT, WORDS, generators(0, 1), num_inference_steps=3, max_iter_to_alter=0,
                             thresholds={}, **SIZE)
-    assert np.array_equal(pixels(out.images), pixels(reference))
+    difference = np.abs(pixels(out.images) - pixels(reference))
+    assert difference.max() <= 1 and (difference > 0).mean() < 1e-2
     assert all(entry["latent_shift"] == [0.0, 0.0] and "loss" not in entry for entry in out.log)
 
 
@@ -155,8 +157,8 @@ def test_sepen_test_time_refines_only_on_request(tiny):
 def test_attention_maps_are_returned_on_request(tiny):
     out = attend_and_excite(tiny, PROMPT, WORDS, generators(0, 1), num_inference_steps=2, max_iter_to_alter=1,
                             thresholds={}, capture_attention=True, **SIZE)
-    assert out.word_maps.shape == (2, 2, 16, 16) and out.nsfw is None
-    assert (out.word_maps >= 0).all() and (out.word_maps.flatten(2).sum(-1) < 256).all()
+    assert out.word_maps.shape == (2, 2, 8, 8) and out.nsfw is None  # tiny's map level
+    assert (out.word_maps >= 0).all() and (out.word_maps.flatten(2).sum(-1) < 64).all()
 
 
 def test_bad_settings_are_explained(tiny):
