@@ -3,10 +3,11 @@
     bash scripts/demo.sh                 # fresh machine: set-up, then this
     sae-demo --out outputs/demo          # (or python -m sae_utils.demo)
 
-It loads the toy model shipped in the repository, measures how often it shows both shapes of a held-out
-pair (pairs it never saw together) and how well it draws single shapes, finetunes the cross-attention keys
-with the Separate and Enhance losses (one delta per held-out pair, as in the paper), measures again on the
-same seeds, and writes a report: out/report.md (table, image grids, attention maps, chart) and results.json.
+It loads the toy model shipped in the repository, measures how often it shows both shapes of a target pair
+(look-alike shapes it never saw together, whose words compete for the same pixels), of a control pair (unlike
+shapes it never saw together either) and of a single shape, finetunes the cross-attention keys with the Separate
+and Enhance losses (one delta per target pair, as in the paper), measures again on the same seeds, and writes a
+report: out/report.md (table, image grids, attention maps, chart) and results.json.
 The full protocol, with more images per condition and the ablation, is `python -m sae_utils.toyworld.study`.
 """
 from __future__ import annotations
@@ -27,7 +28,7 @@ def main(argv=None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="outputs/demo", help="output folder (default: outputs/demo)")
     parser.add_argument("--model", default="toy", help="the toy model (default) or a folder of another toy model")
-    parser.add_argument("--images-per-pair", type=int, default=16, help="seeds per held-out pair (8 pairs)")
+    parser.add_argument("--images-per-pair", type=int, default=16, help="seeds per target and control pair")
     parser.add_argument("--images-per-kind", type=int, default=8, help="seeds per single shape (8 kinds)")
     parser.add_argument("--steps", type=int, default=None, help="finetuning steps per pair (default: the study's)")
     parser.add_argument("--learning-rate", type=float, default=None, help="per sample (default: the study's)")
@@ -35,15 +36,16 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     start = time.perf_counter()
-    settings = StudySettings(single_per_kind=args.images_per_kind, pair_per_prompt=args.images_per_pair)
+    settings = StudySettings(single_per_kind=args.images_per_kind, pair_per_prompt=args.images_per_pair,
+                             control_per_prompt=args.images_per_pair)
     settings.finetune |= {k: v for k, v in (("steps", args.steps), ("learning_rate", args.learning_rate)) if v}
     if args.num_inference_steps:
         settings.sampling["num_inference_steps"] = args.num_inference_steps
     pipe = load_pipeline(args.model, device="cpu")
     study = ToyStudy(pipe, settings)
     print("1/3 measuring the base model ...")
-    study.measure("base", sets=("single", "held_out"))
-    print("2/3 finetuning the keys, one delta per held-out pair, and measuring again ...")
+    study.measure("base", sets=[w for w in study.sets() if w != "seen"])
+    print("2/3 finetuning the keys, one delta per target pair, and measuring again ...")
     study.single_pair("SepEn (K)")
     print("3/3 writing the report ...")
     minutes = (time.perf_counter() - start) / 60

@@ -6,7 +6,7 @@ import torch
 from sae_utils.models import load_pipeline
 from sae_utils.toyworld.study import StudySettings, ToyStudy, eval_set, rate, report_table, sample, score
 from sae_utils.toyworld.train_model import ToyTrainConfig, ToyTrainer
-from sae_utils.toyworld.world import HELD_OUT_PAIRS, SEEN_PAIRS, make_rng, render_batch, sample_scene
+from sae_utils.toyworld.world import CONTROL_PAIRS, SEEN_PAIRS, TARGET_PAIRS, make_rng, render_batch, sample_scene
 
 
 @pytest.fixture(scope="module")
@@ -19,14 +19,14 @@ def micro_toy(tmp_path_factory):
 
 
 def test_images_depend_on_prompt_and_seed_not_on_the_batch(micro_toy):
-    kinds, seeds = eval_set("held_out", 2)
+    kinds, seeds = eval_set("target", 4)
     whole = sample(micro_toy, kinds, seeds, batch_size=16, num_inference_steps=2)
     pieces = sample(micro_toy, kinds, seeds, batch_size=3, num_inference_steps=2)
     # identical up to float rounding across batch sizes: at most one grey level, in very few pixels
     difference = np.abs(whole.images.astype(int) - pieces.images.astype(int))
     assert difference.max() <= 1 and (difference > 0).mean() < 1e-3
     torch.testing.assert_close(whole.word_maps, pieces.word_maps, atol=1e-6, rtol=0)
-    assert whole.word_maps.shape == (16, 2, 16, 16)
+    assert whole.word_maps.shape == (16, 2, 8, 8)  # the toy's map level
 
 
 def test_score_counts_what_the_evaluator_sees():
@@ -43,15 +43,16 @@ def test_score_counts_what_the_evaluator_sees():
 
 
 def test_a_single_pair_condition_restores_the_base_model(micro_toy):
-    settings = StudySettings(single_per_kind=8, pair_per_prompt=1, batch_size=16,
+    settings = StudySettings(single_per_kind=8, pair_per_prompt=1, control_per_prompt=4, batch_size=16,
                              sampling=dict(num_inference_steps=2), finetune=dict(steps=2, learning_rate=1e-3))
     study = ToyStudy(micro_toy, settings, progress=False)
     before = {n: p.clone() for n, p in micro_toy.unet.named_parameters()}
     condition = study.single_pair("sepen")
     assert all(torch.equal(p, before[n]) for n, p in micro_toy.unet.named_parameters())
-    assert condition["held_out"]["all_present"]["n"] == len(HELD_OUT_PAIRS)
-    assert condition["single"]["all_present"]["n"] == 8 * 8  # every delta is checked on all 8 kinds
-    assert condition["single_base"]["n"] == 8  # ... and compared with the base on the same seeds
+    assert condition["target"]["all_present"]["n"] == len(TARGET_PAIRS)
+    assert condition["single"]["all_present"]["n"] == 4 * 2 * 8  # every delta is checked on all 8 kinds, 2 seeds each
+    assert condition["single_base"]["n"] == 2 * 8  # ... and compared with the base on the same seeds
+    assert condition["control"]["all_present"]["n"] == 4 * len(CONTROL_PAIRS) and condition["control_base"]["n"] == 4
     fake = {"rate": 0.987, "low": 0.9, "high": 1.0, "n": 99}  # no multiple of 1/8: cannot equal the same-seed base
     study.results["conditions"]["base"] = {"single": {"all_present": fake}}
     expected = condition["single"]["all_present"]["rate"] - condition["single_base"]["rate"]
@@ -65,10 +66,10 @@ def test_the_demo_writes_its_report(micro_toy, tmp_path):
     main(["--model", str(micro_toy.name_or_path), "--out", str(tmp_path), "--images-per-pair", "1", "--images-per-kind",
           "1", "--steps", "2", "--num-inference-steps", "2"])
     report = (tmp_path / "report.md").read_text()
-    assert "| base |" in report and "| SepEn (K) |" in report and "held-out pairs: both present" in report
+    assert "| base |" in report and "| SepEn (K) |" in report and "target pairs" in report
     results = __import__("json").loads((tmp_path / "results.json").read_text())
-    assert set(results["differences"]) == {"single", "held_out"}
-    assert {"rates.png", "held_out_pairs.png", "attention.png"} <= {p.name for p in tmp_path.iterdir()}
+    assert set(results["differences"]) == {"single", "target", "control"}
+    assert {"rates.png", "target_pairs.png", "attention.png"} <= {p.name for p in tmp_path.iterdir()}
 
 
 def test_base_rates_are_measured_on_fixed_seeds_and_stored_in_the_model_folder(micro_toy, tmp_path):
@@ -81,14 +82,14 @@ def test_base_rates_are_measured_on_fixed_seeds_and_stored_in_the_model_folder(m
                              sampling=dict(num_inference_steps=2))
     rates = measure_base_rates(micro_toy, settings, progress=False)
     again = measure_base_rates(micro_toy, settings, progress=False)
-    assert {w: rates[w]["all_present"] for w in ("single", "seen", "held_out")} == \
-           {w: again[w]["all_present"] for w in ("single", "seen", "held_out")}
+    assert {w: rates[w]["all_present"] for w in ("single", "seen", "target", "control")} == \
+           {w: again[w]["all_present"] for w in ("single", "seen", "target", "control")}
     assert rates["single"]["all_present"]["n"] == 8 and rates["seen"]["all_present"]["n"] == len(SEEN_PAIRS)
     assert rates["protocol"]["command"].startswith("python -m sae_utils.toyworld.base_rates")
     folder = shutil.copytree(micro_toy.name_or_path, tmp_path / "model")
     write_base_rates(folder, rates)
-    assert json.loads((folder / "toy_model.json").read_text())["base_rates"]["held_out"] == rates["held_out"]
-    assert "| held-out |" in table(rates)
+    assert json.loads((folder / "toy_model.json").read_text())["base_rates"]["target"] == rates["target"]
+    assert "| target pairs |" in table(rates)
     with pytest.raises(FileNotFoundError, match="toy model folder"):
         write_base_rates(tmp_path, rates)
 
@@ -96,8 +97,9 @@ def test_base_rates_are_measured_on_fixed_seeds_and_stored_in_the_model_folder(m
 def test_the_full_protocol_writes_its_report_with_every_condition(micro_toy, tmp_path):
     from sae_utils.toyworld.study import run_study
 
-    settings = StudySettings(single_per_kind=8, pair_per_prompt=1, seen_per_prompt=1, batch_size=32,
-                             sampling=dict(num_inference_steps=2), finetune=dict(steps=1, learning_rate=1e-3),
+    settings = StudySettings(single_per_kind=8, pair_per_prompt=1, control_per_prompt=4, seen_per_prompt=1,
+                             batch_size=32, sampling=dict(num_inference_steps=2),
+                             finetune=dict(steps=1, learning_rate=1e-3),
                              multi_pair=dict(steps=1, learning_rate=1e-3, norm_loss_weight=0.5))
     report = run_study(micro_toy, settings, tmp_path, ablation={"enhance only": dict(lambda_sep=0.0)}, progress=False)
     text = report.read_text()
@@ -106,7 +108,8 @@ def test_the_full_protocol_writes_its_report_with_every_condition(micro_toy, tmp
     results = __import__("json").loads((tmp_path / "results.json").read_text())
     assert results["protocol"]["command"].startswith("python -m sae_utils.toyworld.study")
     assert results["conditions"]["enhance only"]["finetune"]["lambda_sep"] == 0.0
-    assert results["conditions"]["sepen multi-pair (K, norm loss)"]["held_out"]["all_present"]["n"] == len(HELD_OUT_PAIRS)
+    multi = results["conditions"]["sepen multi-pair (K, norm loss)"]
+    assert multi["target"]["all_present"]["n"] == len(TARGET_PAIRS) and multi["seen"]["all_present"]["n"] == 20
 
 
 def test_a_rerun_of_the_study_keeps_what_was_measured_and_measures_only_the_rest(micro_toy, tmp_path):
@@ -120,7 +123,6 @@ def test_a_rerun_of_the_study_keeps_what_was_measured_and_measures_only_the_rest
     run_study(micro_toy, settings, tmp_path, ablation={}, progress=False)
     first = json.loads((tmp_path / "results.json").read_text())
     first["conditions"]["sepen (K)"]["marker"] = "kept"  # a condition that is not measured again keeps this
-    del first["conditions"]["sepen (K)"]["single_base"]  # as written before the same-seed comparison existed
     (tmp_path / "results.json").write_text(json.dumps(first))
     run_study(micro_toy, settings, tmp_path, ablation={"enhance only": dict(lambda_sep=0.0)}, progress=False)
     second = json.loads((tmp_path / "results.json").read_text())

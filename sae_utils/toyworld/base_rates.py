@@ -3,9 +3,10 @@
     python -m sae_utils.toyworld.base_rates                  # measure the shipped toy model, print the table
     python -m sae_utils.toyworld.base_rates --write          # ... and store them in its toy_model.json
 
-Three evaluation sets (the study's `StudySettings` sizes): single shapes (32 seeds per kind, 256 images), seen
-pairs (12 per pair, 240 images) and held-out pairs (32 per pair, 256 images), all on evaluation seeds that no
-finetuning ever sees. The numbers are what notebook 00 shows and what every SepEn condition is compared with.
+Four evaluation sets (the study's `StudySettings` sizes): single shapes (32 seeds per kind, 256 images), seen
+pairs (12 per pair, 240 images), held-out target pairs (64 per pair, 256 images) and held-out control pairs (32 per
+pair, 128 images), all on evaluation seeds that no finetuning ever sees. The numbers are what notebook 00 shows and
+what every SepEn condition is compared with.
 """
 from __future__ import annotations
 
@@ -18,18 +19,18 @@ import torch
 
 from ..checkpoint import atomic_write
 from ..models import load_pipeline
-from .study import StudySettings, ToyStudy
+from .study import SET_LABELS, StudySettings, ToyStudy
 
 COMMAND = "python -m sae_utils.toyworld.base_rates --write"
 
 
 def measure_base_rates(pipe, settings: StudySettings | None = None, progress: bool = True) -> dict:
-    """{"single", "seen", "held_out"} -> the study's score of each set, plus how they were measured."""
+    """{"single", "seen", "target", "control"} -> the study's score of each set, plus how they were measured."""
     settings = settings or StudySettings()
     start = time.perf_counter()
     rates = ToyStudy(pipe, settings, progress=progress).measure("base")
     sizes = {"single_per_kind": settings.single_per_kind, "seen_per_prompt": settings.seen_per_prompt,
-             "held_out_per_prompt": settings.pair_per_prompt}
+             "target_per_prompt": settings.pair_per_prompt, "control_per_prompt": settings.control_per_prompt}
     return {**rates, "protocol": {**sizes, "sampling": settings.sampling, "command": COMMAND,
                                   "seconds": round(time.perf_counter() - start), "torch": torch.__version__}}
 
@@ -47,9 +48,10 @@ def write_base_rates(model_folder: str | Path, rates: dict) -> Path:
 
 def table(rates: dict) -> str:
     lines = ["| set | all requested shapes present | 95 % interval | n |", "|---|---|---|---|"]
-    for which in ("single", "seen", "held_out"):
-        r = rates[which]["all_present"]
-        lines.append(f"| {which.replace('_', '-')} | {r['rate']:.3f} | [{r['low']:.3f}, {r['high']:.3f}] | {r['n']} |")
+    for which, label in SET_LABELS.items():
+        if which in rates:
+            r = rates[which]["all_present"]
+            lines.append(f"| {label} | {r['rate']:.3f} | [{r['low']:.3f}, {r['high']:.3f}] | {r['n']} |")
     return "\n".join(lines)
 
 

@@ -12,11 +12,13 @@ from pathlib import Path
 import matplotlib.pyplot as plt  # headless machines get the Agg backend by themselves
 import numpy as np
 
+from ..attention import map_resolution
 from ..checkpoint import atomic_write
 from .evaluator import objects_present
 from .study import Samples, ToyStudy, base_rate, difference, report_table
 
-SETS = {"single": "single-object correct", "seen": "seen pairs: both present", "held_out": "held-out pairs: both present"}
+SETS = {"single": "single-object correct", "seen": "seen pairs: both present", "target": "target pairs: both present",
+        "control": "control pairs: both present"}
 
 
 def _select(samples: Samples, kinds: list[str], count: int) -> list[int]:
@@ -49,13 +51,13 @@ def comparison_grid(before: Samples, after: Samples, path: Path, labels=("base",
 
 
 def attention_grid(before: Samples, after: Samples, path: Path, labels=("base", "SepEn")) -> Path:
-    """For each pair, the first seed: the two objects' 16x16 maps as red and blue, before and after."""
+    """For each pair, the first seed: the two objects' maps (the model's map level) as red and blue, before and after."""
     pairs = list(dict.fromkeys(tuple(k) for k in after.kinds))
     fig, axes = plt.subplots(len(pairs), 4, figsize=(4 * 1.4, len(pairs) * 1.4), squeeze=False)
     for row, pair in enumerate(pairs):
         for offset, (samples, label) in enumerate(zip((before, after), labels)):
             i = _select(samples, list(pair), 1)[0]
-            maps = samples.word_maps[i].float()  # (2, 16, 16)
+            maps = samples.word_maps[i].float()  # (2, h, w)
             scale = maps.max().clamp_min(1e-12)
             colour = np.stack([maps[0] / scale, np.zeros_like(maps[0]), maps[1] / scale], axis=-1)
             axes[row, 2 * offset].imshow(samples.images[i], interpolation="nearest")
@@ -81,7 +83,7 @@ def rates_chart(results: dict, path: Path) -> Path:
         for c, name in enumerate(conditions):
             entry = results["conditions"][name].get(key, {}).get("all_present")
             if entry:
-                xs.append(c + (k - 1) * width), ys.append(entry["rate"])
+                xs.append(c + (k - (len(SETS) - 1) / 2) * width), ys.append(entry["rate"])
                 errors.append([entry["rate"] - entry["low"], entry["high"] - entry["rate"]])
         if xs:
             ax.bar(xs, ys, width, yerr=np.array(errors).T, capsize=3, label=label)
@@ -100,30 +102,32 @@ def write_report(study: ToyStudy, out: Path, title: str, notes: str = "", compar
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     results = study.results
+    resolution = map_resolution(study.pipe)
     compare = compare or [name for name in results["conditions"] if name != "base"][0]
     base, after = results["conditions"]["base"], results["conditions"][compare]
     results["differences"] = {key: difference(base_rate(results, compare, key), after[key]["all_present"])
                               for key in SETS if key in base and key in after}
     atomic_write(out / "results.json", json.dumps(results, indent=1))  # never half a results file
     figures = [rates_chart(results, out / "rates.png")]
-    if "held_out" in study.samples.get("base", {}) and "held_out" in study.samples.get(compare, {}):
-        before, later = study.samples["base"]["held_out"], study.samples[compare]["held_out"]
-        figures += [comparison_grid(before, later, out / "held_out_pairs.png", ("base", compare)),
+    if "target" in study.samples.get("base", {}) and "target" in study.samples.get(compare, {}):
+        before, later = study.samples["base"]["target"], study.samples[compare]["target"]
+        figures += [comparison_grid(before, later, out / "target_pairs.png", ("base", compare)),
                     attention_grid(before, later, out / "attention.png", ("base", compare))]
     else:  # a resumed study kept both conditions, so the images of its earlier run still show them
-        figures += [path for path in (out / "held_out_pairs.png", out / "attention.png") if path.exists()]
+        figures += [path for path in (out / "target_pairs.png", out / "attention.png") if path.exists()]
     lines = [f"# {title}", "", notes, "", report_table(results), "",
              "Rates: share of images where the toy world's evaluator finds every named shape; 95 % Wilson "
-             "intervals; n = images. Weaker peak / overlap: the two objects' 16x16 cross-attention maps "
+             f"intervals; n = images. Weaker peak / overlap: the two objects' {resolution}x{resolution} "
+             "cross-attention maps "
              "(peak of the weaker one, soft IoU of the peak-normalised maps), averaged over images.", "",
              f"Change with `{compare}` (points, with a conservative interval):", ""]
     lines += [f"- {SETS[key]}: {d['points']:+.1f} [{d['low']:+.1f}, {d['high']:+.1f}]"
               for key, d in results["differences"].items()]
     lines += [""] + [f"![{f.stem}]({f.name})" for f in figures] + [""]
-    per_pair = after.get("held_out", {}).get("per_prompt", {})
+    per_pair = after.get("target", {}).get("per_prompt", {})
     if per_pair:
-        lines += ["Both present, per held-out pair (base -> after):", "", "| pair | base | after |", "|---|---|---|"]
-        lines += [f"| {pair} | {base['held_out']['per_prompt'].get(pair, '')} | {rate} |"
+        lines += ["Both present, per target pair (base -> after):", "", "| pair | base | after |", "|---|---|---|"]
+        lines += [f"| {pair} | {base['target']['per_prompt'].get(pair, '')} | {rate} |"
                   for pair, rate in per_pair.items()]
     atomic_write(out / "report.md", "\n".join(lines) + "\n")
     return out / "report.md"

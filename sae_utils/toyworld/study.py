@@ -1,4 +1,4 @@
-"""SepEn measured on the toy model: base rates, single-pair and multi-pair finetuning, and the ablation.
+"""SepEn measured on a toy model: base rates, single-pair and multi-pair finetuning, and the ablation.
 
     python -m sae_utils.toyworld.study --out outputs/toy_study          # the full protocol (about an hour, 2 cores)
     python -m sae_utils.toyworld.study --quick                           # 8 seeds per prompt (a few minutes)
@@ -6,15 +6,18 @@
 The toy world's evaluator says exactly which shapes an image shows, so every number here is a rate with a
 confidence interval (Wilson, 95 %), measured on seeds that finetuning never sees:
 - single-object accuracy: "a photo of a star" shows a star (and, with a delta, is not damaged by it);
-- both-present rate on two-object prompts, for seen pairs (shown together in training) and held-out pairs
-  (never shown together): the compositional failure SepEn addresses;
-- attention statistics of the two objects' 16x16 maps: the weaker object's peak, the peak ratio, the overlap.
-Protocols: single-pair (one delta per held-out pair, evaluated on that pair, as in the paper) and multi-pair
-(one delta trained on the 20 seen pairs with the norm loss, evaluated on the held-out pairs).
+- both-present rate on two-object prompts: seen pairs (shown together in training), held-out target pairs (never
+  shown together, look-alike shapes: the compositional failure SepEn addresses) and held-out control pairs (never
+  shown together, unlike shapes: a fluent model composes them; a delta must not damage them);
+- attention statistics of the two objects' maps at the model's map resolution: the weaker peak, the overlap.
+The pairs are the model's own (toy_model.json; `world.model_split`). Protocols: single-pair (one delta per target
+pair, evaluated on that pair, and on single shapes and control pairs against the base on the same seeds, as in
+the paper) and multi-pair (one delta trained on the seen pairs with the norm loss, evaluated on every set).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import time
@@ -26,7 +29,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..attention import capture_cross_attention
+from ..attention import capture_cross_attention, map_resolution
 from ..delta import Delta, apply_delta, extract_delta
 from ..evaluation.stats import wilson_interval
 from ..finetune import FinetuneConfig, Finetuner
@@ -34,7 +37,8 @@ from ..maps import overlap, peak_activation
 from ..models import load_pipeline
 from ..sampling import sampler_defaults
 from .evaluator import objects_present
-from .world import HELD_OUT_PAIRS, KINDS, SEEN_PAIRS, prompt_for
+from ..models import model_info
+from .world import KINDS, PairSplit, model_split, prompt_for
 
 EVAL_SEED = 100_000  # evaluation seeds start here; finetuning draws its own latents from its own seed
 
@@ -44,7 +48,7 @@ class Samples:
     kinds: list[list[str]]  # the object words of each image
     seeds: list[int]
     images: np.ndarray  # (N, 32, 32, 3) uint8
-    word_maps: torch.Tensor | None  # (N, K, 16, 16): the objects' cross-attention, averaged over the steps
+    word_maps: torch.Tensor | None  # (N, K, h, w): the objects' cross-attention at the map level, mean over steps
 
 
 def sample(pipe, kinds: Sequence[Sequence[str]], seeds: Sequence[int], batch_size: int = 64,
@@ -59,7 +63,7 @@ def sample(pipe, kinds: Sequence[Sequence[str]], seeds: Sequence[int], batch_siz
         chunk = [list(k) for k in kinds[start:start + batch_size]]
         prompts = [prompt_for(k) for k in chunk]
         generators = [torch.Generator().manual_seed(int(s)) for s in seeds[start:start + batch_size]]
-        with capture_cross_attention(pipe, keep="mean") as store:
+        with capture_cross_attention(pipe, keep="mean") if capture else contextlib.nullcontext() as store:
             out = pipe(prompts, generator=generators, output_type="np", **settings).images
         images.append((out * 255).round().astype(np.uint8))
         if capture:
@@ -96,13 +100,24 @@ def score(samples: Samples) -> dict:
     return result
 
 
-def eval_set(which: str, per_prompt: int, pairs: Sequence[Sequence[str]] | None = None,
-             seed: int = EVAL_SEED) -> tuple[list[list[str]], list[int]]:
-    """(kinds, seeds) of an evaluation set: "single" (each kind), "seen" or "held_out" pairs, or `pairs`."""
-    prompts = {"single": [[k] for k in KINDS], "seen": [list(p) for p in SEEN_PAIRS],
-               "held_out": [list(p) for p in HELD_OUT_PAIRS]}.get(which) if pairs is None else [list(p) for p in pairs]
+SETS = ("single", "seen", "target", "control")
+
+
+def set_prompts(which: str, split: PairSplit) -> list[list[str]]:
+    """The prompts (object words) of an evaluation set: "single" (each kind), "seen", "target" or "control" pairs."""
+    prompts = {"single": [(k,) for k in KINDS], "seen": split.seen, "target": split.held_out_target,
+               "control": split.held_out_control}.get(which)
     if prompts is None:
-        raise ValueError(f"Unknown evaluation set {which!r}: use 'single', 'seen' or 'held_out'.")
+        raise ValueError(f"Unknown evaluation set {which!r}: use one of {SETS}.")
+    return [list(p) for p in prompts]
+
+
+def eval_set(which: str, per_prompt: int, pairs: Sequence[Sequence[str]] | None = None,
+             seed: int = EVAL_SEED, split: PairSplit | None = None) -> tuple[list[list[str]], list[int]]:
+    """(kinds, seeds) of an evaluation set of `split` (see `set_prompts`), or of the given `pairs`."""
+    from .world import DEFAULT_SPLIT
+
+    prompts = set_prompts(which, split or DEFAULT_SPLIT) if pairs is None else [list(p) for p in pairs]
     kinds = [p for p in prompts for _ in range(per_prompt)]
     seeds = [seed + i for _ in prompts for i in range(per_prompt)]
     return kinds, seeds
@@ -111,7 +126,8 @@ def eval_set(which: str, per_prompt: int, pairs: Sequence[Sequence[str]] | None 
 @dataclass
 class StudySettings:
     single_per_kind: int = 32  # 8 kinds -> 256 images
-    pair_per_prompt: int = 32  # 8 held-out pairs -> 256 images
+    pair_per_prompt: int = 64  # 4 target pairs -> 256 images
+    control_per_prompt: int = 32  # 4 control pairs -> 128 images
     seen_per_prompt: int = 12  # 20 seen pairs -> 240 images
     batch_size: int = 64
     sampling: dict = field(default_factory=dict)  # overrides of the model's sampler defaults
@@ -121,21 +137,33 @@ class StudySettings:
 
 
 class ToyStudy:
-    """Holds the pipeline and the original weights; each condition is measured from the same base model."""
+    """Holds the pipeline and the original weights; each condition is measured from the same base model.
+
+    The pairs are the model's own (`world.model_split` of its toy_model.json)."""
 
     def __init__(self, pipe, settings: StudySettings, progress: bool = True):
         self.pipe, self.settings, self.progress = pipe, settings, progress
+        self.split = model_split(model_info(pipe))
         self.results: dict = {"settings": dataclasses.asdict(settings), "conditions": {}}
         self.samples: dict[str, dict[str, Samples]] = {}  # condition -> evaluation set -> the images and maps
-        self._base_single: dict | None = None
+        self._base_checks: dict | None = None
 
-    def measure(self, name: str = "base", sets: Sequence[str] = ("single", "seen", "held_out")) -> dict:
+    def sets(self) -> list[str]:
+        """The evaluation sets this model has (a model without control pairs has no "control" set)."""
+        return [which for which in SETS if set_prompts(which, self.split)]
+
+    def eval_set(self, which: str, per_prompt: int | None = None, pairs=None) -> tuple[list[list[str]], list[int]]:
+        s = self.settings
+        per = {"single": s.single_per_kind, "seen": s.seen_per_prompt, "target": s.pair_per_prompt,
+               "control": s.control_per_prompt}
+        return eval_set(which, per_prompt or per[which], pairs=pairs, split=self.split)
+
+    def measure(self, name: str = "base", sets: Sequence[str] | None = None) -> dict:
         """Measure the pipeline as it is now, on the chosen evaluation sets; recorded as condition `name`."""
         s = self.settings
-        per = {"single": s.single_per_kind, "seen": s.seen_per_prompt, "held_out": s.pair_per_prompt}
-        self.samples[name] = {which: sample(self.pipe, *eval_set(which, per[which]), batch_size=s.batch_size,
+        self.samples[name] = {which: sample(self.pipe, *self.eval_set(which), batch_size=s.batch_size,
                                             progress=self.progress, capture=which != "single", **s.sampling)
-                              for which in sets}
+                              for which in (sets or self.sets())}
         condition = {which: score(samples) for which, samples in self.samples[name].items()}
         self.results["conditions"][name] = condition
         return condition
@@ -150,45 +178,51 @@ class ToyStudy:
         apply_delta(self.pipe, base)  # back to the base weights (the handle is not kept: this is the base)
         return result.delta
 
-    def single_pair_seeds(self) -> tuple[list[list[str]], list[int]]:
-        """The single-shape prompts and seeds every single-pair delta is checked on (a few per shape)."""
-        return eval_set("single", max(1, self.settings.single_per_kind // len(HELD_OUT_PAIRS)))
+    def check_seeds(self) -> dict[str, tuple[list[list[str]], list[int]]]:
+        """The single shapes and control pairs every single-pair delta is also checked on (a few seeds each, so
+        that all deltas together see about as many images as the base's own sets)."""
+        deltas = len(self.split.held_out_target)
+        checks = {"single": self.eval_set("single", max(1, self.settings.single_per_kind // deltas))}
+        if self.split.held_out_control:
+            checks["control"] = self.eval_set("control", max(1, self.settings.control_per_prompt // deltas))
+        return checks
 
-    def base_on_single_pair_seeds(self) -> dict:
-        """The base model's single-shape rate on exactly those seeds: what a delta's rate is compared with (the
-        base's own single set has more seeds, hence another rate). Call it with the base weights in place."""
-        if self._base_single is None:
-            samples = sample(self.pipe, *self.single_pair_seeds(), batch_size=self.settings.batch_size,
-                             capture=False, **self.settings.sampling)
-            self._base_single = score(samples)["all_present"]
-        return self._base_single
+    def base_on_check_seeds(self) -> dict:
+        """The base model's rates on exactly those seeds: what a delta's rates are compared with (the base's own
+        sets have more seeds, hence other rates). Call it with the base weights in place."""
+        if self._base_checks is None:
+            self._base_checks = {which: score(sample(self.pipe, *seeds, batch_size=self.settings.batch_size,
+                                                     capture=False, **self.settings.sampling))["all_present"]
+                                 for which, seeds in self.check_seeds().items()}
+        return self._base_checks
 
     def single_pair(self, name: str = "sepen", **overrides) -> dict:
-        """One delta per held-out pair, each measured on its own pair and on single objects."""
+        """One delta per target pair, each measured on its own pair, on single shapes and on control pairs."""
         s = self.settings
-        pair_samples, single_samples, seconds = [], [], 0.0
-        kinds, seeds = self.single_pair_seeds()
-        base_single = self.base_on_single_pair_seeds()
-        for pair in HELD_OUT_PAIRS:
+        parts: dict[str, list[Samples]] = {"target": []}
+        seconds = 0.0
+        checks, base = self.check_seeds(), self.base_on_check_seeds()
+        for pair in self.split.held_out_target:
             start = time.perf_counter()
             delta = self.train_delta(pairs=[tuple(pair)], **overrides)
             seconds += time.perf_counter() - start
             with apply_delta(self.pipe, delta):
-                pair_samples.append(sample(self.pipe, *eval_set("pairs", s.pair_per_prompt, pairs=[pair]),
-                                           batch_size=s.batch_size, **s.sampling))
-                single_samples.append(sample(self.pipe, kinds, seeds, batch_size=s.batch_size, capture=False,
-                                             **s.sampling))
-        self.samples[name] = {"held_out": _concat(pair_samples), "single": _concat(single_samples)}
+                parts["target"].append(sample(self.pipe, *self.eval_set("target", pairs=[pair]),
+                                              batch_size=s.batch_size, **s.sampling))
+                for which, seeds in checks.items():
+                    parts.setdefault(which, []).append(sample(self.pipe, *seeds, batch_size=s.batch_size,
+                                                              capture=False, **s.sampling))
+        self.samples[name] = {which: _concat(samples) for which, samples in parts.items()}
         condition = {which: score(samples) for which, samples in self.samples[name].items()}
-        condition["single_base"] = base_single  # the base model on the same single-shape seeds
+        condition |= {f"{which}_base": rate for which, rate in base.items()}  # the base on the same seeds
         condition["finetune"] = {**s.finetune, **overrides, "protocol": "single-pair", "train_seconds": round(seconds)}
         self.results["conditions"][name] = condition
         return condition
 
     def multi_pair(self, name: str = "sepen-multi", **overrides) -> dict:
-        """One delta trained on the seen pairs (with the norm loss), measured on held-out pairs."""
+        """One delta trained on the seen pairs (with the norm loss), measured on every set."""
         start = time.perf_counter()
-        delta = self.train_delta(pairs=[tuple(p) for p in SEEN_PAIRS],
+        delta = self.train_delta(pairs=[tuple(p) for p in self.split.seen],
                                  **{**self.settings.multi_pair, "shuffle_order": True, **overrides})
         seconds = time.perf_counter() - start
         with apply_delta(self.pipe, delta):
@@ -217,8 +251,12 @@ def base_rate(results: dict, name: str, which: str) -> dict | None:
     return own or results["conditions"].get("base", {}).get(which, {}).get("all_present")
 
 
+SET_LABELS = {"single": "single shapes", "seen": "seen pairs", "target": "target pairs", "control": "control pairs"}
+
+
 def report_table(results: dict) -> str:
-    """A markdown table: one row per condition, with its change from "base" where both were measured."""
+    """A markdown table: one row per condition (rates: all named shapes present), then its changes from "base"
+    in points, against the base on the same seeds."""
     def cell(entry, key="all_present"):
         if not entry or key not in entry:
             return ""
@@ -233,14 +271,16 @@ def report_table(results: dict) -> str:
         d = difference(base, after["all_present"])
         return f"{d['points']:+.1f} [{d['low']:+.1f}, {d['high']:+.1f}]"
 
-    lines = ["| condition | single-object correct | seen pairs: both present | held-out pairs: both present | "
-             "held-out change (points) | single change, same seeds (points) | weaker peak / overlap (held-out) |",
-             "|---|---|---|---|---|---|---|"]
+    sets = [w for w in SETS if any(w in c for c in results["conditions"].values())]
+    changed = [w for w in ("target", "single", "control") if w in sets]
+    lines = ["| condition | " + " | ".join(SET_LABELS[w] for w in sets) + " | "
+             + " | ".join(f"{SET_LABELS[w]}: change" for w in changed) + " | weaker peak / overlap (target) |",
+             "|---|" + "---|" * (len(sets) + len(changed) + 1)]
     for name, c in results["conditions"].items():
-        attention = c.get("held_out", {}).get("attention", {})
-        lines.append(f"| {name} | {cell(c.get('single'))} | {cell(c.get('seen'))} | {cell(c.get('held_out'))} | "
-                     f"{change(name, 'held_out')} | {change(name, 'single')} | "
-                     f"{attention.get('weaker_peak', '')} / {attention.get('overlap', '')} |")
+        attention = c.get("target", {}).get("attention", {})
+        lines.append(f"| {name} | " + " | ".join(cell(c.get(w)) for w in sets) + " | "
+                     + " | ".join(change(name, w) for w in changed)
+                     + f" | {attention.get('weaker_peak', '')} / {attention.get('overlap', '')} |")
     return "\n".join(lines)
 
 
@@ -295,19 +335,20 @@ def run_study(pipe, settings: StudySettings, out: str | Path, ablation: dict | N
         recorded = {k: v for k, v in (kept or {}).get("finetune", {}).items() if k != "train_seconds"}
         if kept is not None and (finetune is None or recorded == _as_json(finetune)):
             study.results["conditions"][name] = kept
-            if finetune and finetune["protocol"] == "single-pair" and "single_base" not in kept:
-                kept["single_base"] = study.base_on_single_pair_seeds()  # measured before this comparison existed
         else:
             measure()
         atomic_write(saved, json.dumps(study.results, indent=1))
     minutes = minutes_before + (time.perf_counter() - start) / 60
     study.results["protocol"] = {"command": COMMAND, "minutes": round(minutes, 1), "threads": torch.get_num_threads(),
                                  "torch": torch.__version__}
-    notes = (f"The shipped toy model; evaluation seeds from {EVAL_SEED} (never used by finetuning). Single-pair "
-             f"protocol: one delta per held-out pair ({len(HELD_OUT_PAIRS)} pairs), {settings.pair_per_prompt} seeds "
-             f"each on its own pair and {max(1, settings.single_per_kind // len(HELD_OUT_PAIRS))} per shape on "
-             f"single shapes (every delta on every shape), compared with the base on the same seeds. Multi-pair: "
-             f"one delta on the {len(SEEN_PAIRS)} seen pairs with the norm loss, measured like the base. "
+    split = study.split
+    checks = {which: len(kinds) for which, (kinds, _) in study.check_seeds().items()}
+    notes = (f"The toy model `{getattr(pipe, 'name_or_path', '')}` (pair split {split.name!r}, maps at "
+             f"{map_resolution(pipe)}x{map_resolution(pipe)}); evaluation seeds from {EVAL_SEED} (never used by "
+             f"finetuning). Single-pair protocol: one delta per target pair ({len(split.held_out_target)} pairs), "
+             f"{settings.pair_per_prompt} seeds each on its own pair, and each delta also on {checks} images of single "
+             f"shapes / control pairs, compared with the base on the same seeds. Multi-pair: one delta on the "
+             f"{len(split.seen)} seen pairs with the norm loss, measured like the base. "
              f"Finetuning: {settings.finetune}; multi-pair {settings.multi_pair}. `{COMMAND}` took {minutes:.0f} "
              f"minutes of {torch.get_num_threads()} CPU threads in all.")
     return write_report(study, out, "Separate-and-Enhance on the toy model: the full protocol", notes,
@@ -322,7 +363,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     settings = StudySettings()
     if args.quick:
-        settings = StudySettings(single_per_kind=8, pair_per_prompt=8, seen_per_prompt=4)
+        settings = StudySettings(single_per_kind=8, pair_per_prompt=8, control_per_prompt=8, seen_per_prompt=4)
     report = run_study(load_pipeline(args.model, device="cpu"), settings, args.out)
     print(report.read_text())
 
