@@ -33,7 +33,8 @@ from tqdm.auto import tqdm
 from . import delta as deltas
 from .attention import capture_cross_attention, forward_until_captured, map_resolution
 from .checkpoint import atomic_write, load_checkpoint, optimizer_from_tensors, optimizer_to_tensors, save_checkpoint
-from .losses import sepen_loss_terms
+from .losses import sepen_loss_terms, sepen_loss_terms_per_slice
+from .maps import released_head_stack
 from .models import DEFAULT_MODEL, load_pipeline, model_info
 from .prompts import PRIOR_TEMPLATE, TRAIN_TEMPLATE, PairPrompt, PairSampler, prior_prompt
 from .tokens import check_prompt_length, word_token_positions
@@ -57,7 +58,15 @@ class FinetuneConfig:
     lambda_en: float = 0.5
     kernel_reading: str = "reference"
     map_resolution: int | None = None  # the side of the maps the losses read; None: the model's (SD v1 16, toy 8)
+    # how the maps reach the losses: "head-mean" (every sample, heads averaged) or "released" (the released code's
+    # attention store: the second half of the batch as per-head slices, each term a max over them; see
+    # maps.released_head_stack: one head only has to attend strongly, and half the batch gets no gradient)
+    map_reading: str = "head-mean"
     norm_loss_weight: float = 0.0  # prior preservation; the reference uses 0.5 for multi-concept training
+    # "joint": the norm loss is added to the SepEn loss (one update a step); "separate": the released train_large.py,
+    # a second AdamW update on norm_loss_weight * MSE after the SepEn one, on "a photo of a {a}" of the batch's own
+    # first concepts (Adam normalises each update, so the 0.5 weight then barely matters)
+    norm_update: str = "joint"
     prior_template: str = PRIOR_TEMPLATE
     # optimisation
     steps: int = 200
@@ -102,6 +111,10 @@ class FinetuneConfig:
                 raise ValueError(f"{name} must be > 0, got {value}.")
         if self.lambda_sep < 0 or self.lambda_en < 0 or self.lambda_sep + self.lambda_en == 0:
             raise ValueError(f"lambda_sep={self.lambda_sep}, lambda_en={self.lambda_en}: use weights >= 0, not both 0.")
+        if self.map_reading not in MAP_READINGS:
+            raise ValueError(f"map_reading={self.map_reading!r}: use one of {MAP_READINGS}.")
+        if self.norm_update not in NORM_UPDATES:
+            raise ValueError(f"norm_update={self.norm_update!r}: use one of {NORM_UPDATES}.")
         if self.latent_source not in ("random", "trajectory"):
             raise ValueError(f"latent_source={self.latent_source!r}: use 'random' (the reference) or 'trajectory'.")
         if self.compile not in ("none", "cuda-graph"):
@@ -120,7 +133,12 @@ class FinetuneConfig:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
 
-# Memory presets for single GPUs, measured on an H200 capped to the card's memory (benchmarks/results).
+MAP_READINGS = ("head-mean", "released")
+NORM_UPDATES = ("joint", "separate")
+RELEASED_SINGLE_TEMPLATE = "a photo of {a} {connector} {b}"  # train_individual.py: no articles
+
+# Memory presets for single GPUs, measured on an H200 capped to the card's memory (benchmarks/results); and the
+# released code's readings of the method (see `preset`).
 PRESETS = {
     "colab-t4": dict(mixed_precision="fp16", batch_size=4),  # 15 GB, the course's default on Colab
     "low-memory": dict(mixed_precision="fp16", batch_size=2, gradient_accumulation_steps=2,
@@ -128,10 +146,28 @@ PRESETS = {
 }
 
 
+def released_code_settings(multi_concept: bool) -> dict:
+    """What the released scripts do (github.com/adobe/SeperateAndEnhance, src/run_individual.sh and run_large.sh):
+    fp32, the per-head map reading (bug 1 of our comparison: half the batch, per-head maxima) and, for the
+    multi-concept run, the norm loss as a second update (bug 3). Not reproduced: train_large.py's hard-coded token
+    positions 6 and 9 (bug 6: mostly "and" and the end token), which would not train on the named words at all."""
+    common = dict(map_reading="released", mixed_precision="no", batch_size=4, max_grad_norm=1.0)
+    if not multi_concept:  # run_individual.sh: lr 2e-6 x batch, 200 steps, "a photo of {c1} and {c2}"
+        return common | dict(template=RELEASED_SINGLE_TEMPLATE, learning_rate=2e-6, steps=200)
+    # run_large.sh: lr 5e-7 x batch x 2 (use_norm), 10000 steps, "and"/"with", norm 0.5 as its own update
+    return common | dict(template="a photo of a {a} {connector} a {b}", connectors=("and", "with"),
+                         learning_rate=1e-6, steps=10000, norm_loss_weight=0.5, norm_update="separate")
+
+
 def preset(name: str, **overrides) -> FinetuneConfig:
-    """A FinetuneConfig from a named preset, e.g. preset("colab-t4", pairs=[("cat", "dog")])."""
+    """A FinetuneConfig from a named preset, e.g. preset("colab-t4", pairs=[("cat", "dog")]).
+
+    "released-code" reproduces the released scripts as closely as a modern diffusers allows: with `pairs`,
+    run_individual.sh; with `concepts`, run_large.sh (see `released_code_settings`)."""
+    if name == "released-code":
+        return FinetuneConfig(**{**released_code_settings(overrides.get("concepts") is not None), **overrides})
     if name not in PRESETS:
-        raise ValueError(f"Unknown preset {name!r}; presets: {list(PRESETS)}.")
+        raise ValueError(f"Unknown preset {name!r}; presets: {list(PRESETS) + ['released-code']}.")
     return FinetuneConfig(**{**PRESETS[name], **overrides})
 
 
@@ -144,7 +180,8 @@ class FinetuneResult:
 
 # The settings a resumed run must share with its checkpoint (the rest, e.g. steps, may change).
 FIXED_ON_RESUME = ("model", "pairs", "concepts", "template", "connectors", "shuffle_order", "trainable", "layers",
-                   "lambda_sep", "lambda_en", "kernel_reading", "map_resolution", "norm_loss_weight",
+                   "lambda_sep", "lambda_en", "kernel_reading", "map_resolution", "map_reading", "norm_loss_weight",
+                   "norm_update",
                    "prior_template", "batch_size", "gradient_accumulation_steps", "learning_rate", "scale_lr",
                    "adam_betas", "adam_weight_decay", "adam_epsilon", "max_grad_norm", "timestep_range", "latent_scale",
                    "latent_source",
@@ -294,8 +331,9 @@ class Finetuner:
         if self._store is not None:
             yield self._store
             return
+        heads = "all" if self.config.map_reading == "released" else "mean"
         with capture_cross_attention(self.unet, resolution=self.map_resolution, latent_size=self.latent_size,
-                                     keep="last", cfg=False) as store:
+                                     keep="last", heads=heads, cfg=False) as store:
             self._store = store
             try:
                 yield store
@@ -335,14 +373,22 @@ class Finetuner:
                     forward_until_captured(self.unet, noisy, timesteps, encoder_hidden_states=text)
             finally:
                 store.stop_when_complete = False
+            if c.map_reading == "released":  # per-head slices of the second half of the batch, layers averaged
+                probs = torch.stack([store.layer_maps(layer) for layer in store.layers]).mean(0).float()
+                maps = torch.einsum("bsthw,bkt->bskhw", released_head_stack(probs), masks)
+                return sepen_loss_terms_per_slice(maps, c.lambda_sep, c.lambda_en, c.kernel_reading,
+                                                  check_values=False)
             maps = torch.einsum("bthw,bkt->bkhw", store.token_maps().float(), masks)
         return sepen_loss_terms(maps, c.lambda_sep, c.lambda_en, c.kernel_reading, check_values=False)
 
-    def prior_inputs(self, step: int, start: int, size: int) -> dict:
-        """Single-concept prompts and their own noisy latents, for the norm loss."""
+    def prior_inputs(self, step: int, start: int, size: int, samples: Sequence[PairPrompt] | None = None) -> dict:
+        """Single-concept prompts and their own noisy latents, for the norm loss: random concepts, or (given the
+        step's samples, as the released code's separate norm update) each sample's first concept."""
         words = self.sampler.words
         rng = np.random.default_rng([self.config.seed, step, start, 29])
-        prompts = [prior_prompt(words[i], self.config.prior_template).prompt for i in rng.integers(len(words), size=size)]
+        concepts = [s.words[0] for s in samples] if samples is not None else \
+            [words[i] for i in rng.integers(len(words), size=size)]
+        prompts = [prior_prompt(w, self.config.prior_template).prompt for w in concepts]
         noisy, timesteps = self.random_inputs(step, start, size, stream=1)
         return {"prior_noisy": noisy, "prior_timesteps": timesteps, "prior_text": self.text_embeddings(prompts)}
 
@@ -375,7 +421,7 @@ class Finetuner:
     def step_inputs(self, micro: int = 0) -> dict[str, torch.Tensor]:
         """Everything one micro-batch of this process needs, on the device: the host-side half of a step."""
         c = self.config
-        start = (micro * self.state.num_processes + self.state.process_index) * c.batch_size
+        start = self._micro_start(micro)
         samples = self.sampler.batch(c.seed, self.step, start, c.batch_size)
         if c.latent_source == "trajectory":
             noisy, timesteps = self.trajectory_inputs(samples, self.step, start)
@@ -383,16 +429,19 @@ class Finetuner:
             noisy, timesteps = self.random_inputs(self.step, start, c.batch_size)
         inputs = {"noisy": noisy, "timesteps": timesteps, "text": self.text_embeddings([s.prompt for s in samples]),
                   "masks": self.word_masks(samples)}
-        if c.norm_loss_weight > 0:
+        if c.norm_loss_weight > 0 and c.norm_update == "joint":
             inputs |= self.prior_inputs(self.step, start, c.batch_size)
         return inputs
+
+    def _micro_start(self, micro: int) -> int:
+        return (micro * self.state.num_processes + self.state.process_index) * self.config.batch_size
 
     def step_losses(self, inputs: dict) -> dict[str, torch.Tensor]:
         """The losses of one micro-batch (device tensors, no host sync): loss, separate, enhance, norm."""
         c = self.config
         terms = self.sepen_terms_from(inputs["noisy"], inputs["timesteps"], inputs["text"], inputs["masks"])
         norm = self.norm_loss_from(inputs["prior_noisy"], inputs["prior_timesteps"], inputs["prior_text"]) \
-            if c.norm_loss_weight > 0 else torch.zeros((), device=self.device)
+            if "prior_noisy" in inputs else torch.zeros((), device=self.device)
         return {"loss": terms.total.mean() + c.norm_loss_weight * norm, "separate": terms.separate.mean(),
                 "enhance": terms.enhance.mean(), "norm": norm}
 
@@ -409,14 +458,35 @@ class Finetuner:
                 self.scaler.scale(losses["loss"] / c.gradient_accumulation_steps).backward()
             losses = {k: v.detach() / c.gradient_accumulation_steps for k, v in losses.items()}
             totals = losses if totals is None else {k: totals[k] + losses[k] for k in totals}
+        grad_norm = self._update()
+        if c.norm_loss_weight > 0 and c.norm_update == "separate":
+            totals["norm"] = self._separate_norm_update()
+        self.step += 1
+        return self._logged(totals, grad_norm)
+
+    def _update(self) -> torch.Tensor:
+        """Average the gradients over processes, clip, one optimizer step; returns the gradient norm."""
         self._average_gradients_across_processes()
         self.scaler.unscale_(self.optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters, c.max_grad_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters, self.config.max_grad_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-        return self._logged(totals, grad_norm)
+        return grad_norm
+
+    def _separate_norm_update(self) -> torch.Tensor:
+        """The released train_large.py's second update: norm_loss_weight * MSE alone, on "a photo of a {a}" of
+        each sample's first concept, with its own clipping and AdamW step. Returns the (unweighted) norm loss."""
+        c, total = self.config, torch.zeros((), device=self.device)
+        for micro in range(c.gradient_accumulation_steps):
+            start = self._micro_start(micro)
+            samples = self.sampler.batch(c.seed, self.step, start, c.batch_size)
+            inputs = self.prior_inputs(self.step, start, c.batch_size, samples=samples)
+            norm = self.norm_loss_from(inputs["prior_noisy"], inputs["prior_timesteps"], inputs["prior_text"])
+            self.scaler.scale(c.norm_loss_weight * norm / c.gradient_accumulation_steps).backward()
+            total = total + norm.detach() / c.gradient_accumulation_steps
+        self._update()
+        return total
 
     def _logged(self, losses: dict, grad_norm: torch.Tensor) -> dict:
         values = self._mean_across_processes({k: v.item() for k, v in losses.items()})  # the step's one host sync
@@ -435,6 +505,8 @@ class Finetuner:
             reasons.append("one process and no gradient accumulation")
         if c.gradient_checkpointing:
             reasons.append("no gradient checkpointing")
+        if c.norm_loss_weight > 0 and c.norm_update == "separate":
+            reasons.append("norm_update='joint' (the separate norm update is a second optimizer step)")
         if reasons:
             raise ValueError(f"compile='cuda-graph' needs {', '.join(reasons)}; use compile='none' otherwise.")
 

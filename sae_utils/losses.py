@@ -122,12 +122,17 @@ def separate_loss(maps: Tensor, check_values: bool = True) -> Tensor:
     including the 0/0 case, the ratio is 0 (its true value is below that anyway): a
     safe denominator there keeps the gradient finite too.
     """
+    return pair_overlaps(maps, check_values).mean(dim=1)
+
+
+def pair_overlaps(maps: Tensor, check_values: bool = True) -> Tensor:
+    """(B, K, H, W) -> (B, K(K-1)/2): for each pair i < j, max over pixels of M_i M_j / (M_i + M_j)."""
     maps = _as_float32_maps(maps, min_objects=2, check_values=check_values)
     i, j = torch.triu_indices(maps.shape[1], maps.shape[1], offset=1, device=maps.device)
     product, total = maps[:, i] * maps[:, j], maps[:, i] + maps[:, j]  # (B, pairs, H, W)
     defined = total > torch.finfo(torch.float32).tiny
     ratio = torch.where(defined, product / torch.where(defined, total, 1.0), 0.0)
-    return ratio.flatten(2).amax(dim=-1).mean(dim=1)
+    return ratio.flatten(2).amax(dim=-1)
 
 
 def enhance_loss(maps: Tensor, sigma: float = 0.5, reading: str = "reference", check_values: bool = True) -> Tensor:
@@ -157,6 +162,27 @@ def sepen_loss_terms(
     return SepEnLoss(lambda_sep * separate + lambda_en * enhance, separate, enhance)
 
 
+def sepen_loss_terms_per_slice(
+    maps: Tensor, lambda_sep: float = 1.0, lambda_en: float = 0.5, reading: str = "reference", *, sigma: float = 0.5,
+    check_values: bool = True,
+) -> SepEnLoss:
+    """The losses when each image brings a stack of S maps per word: `maps: (B, S, K, H, W)` -> each term (B,).
+
+    Each term takes its max over the stack as over the pixels (the released code's per-head reading, see
+    `maps.released_head_stack`): separate = mean over pairs of max_s max_pixels M_i M_j / (M_i + M_j), enhance =
+    1 - min_k max_s max_pixels G * M_k, smoothing each slice on its own. With S = 1 these are `sepen_loss_terms`.
+    """
+    if not isinstance(maps, Tensor) or maps.ndim != 5:
+        raise ValueError("maps must be (B, S, K, H, W): batch, slices, objects, height, width; got "
+                         f"{tuple(maps.shape) if isinstance(maps, Tensor) else type(maps).__name__}.")
+    B, S = maps.shape[:2]
+    flat = _as_float32_maps(maps.flatten(0, 1), min_objects=2, check_values=check_values)
+    separate = pair_overlaps(flat, check_values=False).view(B, S, -1).amax(dim=1).mean(dim=1)
+    peaks = object_peaks(flat, sigma, reading, check_values=False).view(B, S, -1).amax(dim=1)  # (B, K)
+    enhance = 1 - peaks.amin(dim=1)
+    return SepEnLoss(lambda_sep * separate + lambda_en * enhance, separate, enhance)
+
+
 def sepen_loss(
     maps: Tensor, lambda_sep: float = 1.0, lambda_en: float = 0.5, reading: str = "reference", *, sigma: float = 0.5
 ) -> Tensor:
@@ -164,14 +190,24 @@ def sepen_loss(
     return sepen_loss_terms(maps, lambda_sep, lambda_en, reading, sigma=sigma).total
 
 
-def attend_and_excite_token_maps(token_maps: Tensor, n_text_tokens: Tensor | Sequence[int]) -> Tensor:
+AAE_TOKEN_RANGES = ("all-but-last", "prompt")
+
+
+def attend_and_excite_token_maps(token_maps: Tensor, n_text_tokens: Tensor | Sequence[int],
+                                 token_range: str = "prompt") -> Tensor:
     """Attend-and-Excite's re-normalised maps: (B, T, H, W) -> (B, T, H, W).
 
     `token_maps` are cross-attention probabilities over all T text tokens (start token at 0);
-    `n_text_tokens: (B,)` counts the prompt tokens, so the end token sits at n + 1. Tokens
-    1..n are kept, scaled by 100 and softmaxed over those tokens at each pixel; all other
-    tokens are 0, so token positions index the output as they index the prompt.
+    `n_text_tokens: (B,)` counts the prompt tokens, so the end token sits at n + 1. The kept tokens
+    are scaled by 100 and softmaxed over at each pixel; all other tokens are 0, so token positions
+    index the output as they index the prompt. Which tokens, as the official code
+    (`_compute_max_attention_per_index`, `attention_maps[:, :, 1:last_idx]`):
+      "prompt":       1..n, the prompt's own tokens (its SD 2.1 path, `normalize_eot=True`);
+      "all-but-last": 1..T-2, the end token and the padding included (its SD 1.4 path, `last_idx=-1`):
+                      a word's share is then taken against ~70 end/padding tokens, so its peak is lower.
     """
+    if token_range not in AAE_TOKEN_RANGES:
+        raise ValueError(f"token_range={token_range!r}: use one of {AAE_TOKEN_RANGES}.")
     token_maps = _as_float32_maps(token_maps, name="token_maps")
     B, T = token_maps.shape[:2]
     n = torch.as_tensor(n_text_tokens, device=token_maps.device)
@@ -180,7 +216,8 @@ def attend_and_excite_token_maps(token_maps: Tensor, n_text_tokens: Tensor | Seq
     if ((n < 1) | (n > T - 2)).any():
         raise ValueError(f"n_text_tokens must lie in 1..{T - 2} (start and end tokens take 2 of T={T}); got {n.tolist()}")
     position = torch.arange(T, device=token_maps.device)
-    kept = ((position >= 1) & (position <= n[:, None]))[:, :, None, None]  # (B, T, 1, 1)
+    last = n[:, None] if token_range == "prompt" else torch.full_like(n[:, None], T - 2)
+    kept = ((position >= 1) & (position <= last))[:, :, None, None]  # (B, T, 1, 1)
     return torch.softmax((100 * token_maps).masked_fill(~kept, -math.inf), dim=1)
 
 

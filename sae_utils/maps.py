@@ -34,6 +34,27 @@ def gather_word_maps(token_maps: torch.Tensor, positions: Sequence[Sequence[Sequ
     return torch.stack(images)
 
 
+def released_head_stack(probs: torch.Tensor) -> torch.Tensor:
+    """The released SepEn code's reading of one training step's attention: (B, heads, T, h, w) -> (B, S, T, h, w).
+
+    Its attention store keeps `attn[n // 2:]` of every cross-attention call, a rule written for classifier-free
+    guidance batches [unconditional, conditional]; diffusers lays heads out batch-major (row b * heads + head), and
+    a training batch has no unconditional half, so this keeps samples B/2 .. B-1 with all their heads. Its
+    `aggregate_attention` then reshapes those rows to (B, -1, h, w, T): "image" i of the loss is rows
+    i * S .. i * S + S - 1, S = heads / 2 of them, i.e. half the heads of sample B/2 + i // 2. For B = 4 and 8 heads:
+    (sample 2, heads 0-3), (sample 2, heads 4-7), (sample 3, heads 0-3), (sample 3, heads 4-7). The first half of
+    the batch is never read: it gets no gradient.
+    """
+    if probs.ndim != 5:
+        raise ValueError(f"probs must be (B, heads, T, h, w), got shape {tuple(probs.shape)}.")
+    batch, heads = probs.shape[:2]
+    kept = probs.flatten(0, 1)[batch * heads // 2:]  # batch-major rows, the "conditional half"
+    if kept.shape[0] % batch:
+        raise ValueError(f"The released reading needs (B * heads / 2) divisible by B (B={batch}, heads={heads}): "
+                         "use an even number of heads and an even batch, or map_reading='head-mean'.")
+    return kept.reshape(batch, -1, *probs.shape[2:])
+
+
 def peak_activation(maps: torch.Tensor) -> torch.Tensor:
     """The highest value of each object's map: (B, K, H, W) -> (B, K). Low peak = neglected object."""
     return maps.flatten(2).amax(dim=-1)
