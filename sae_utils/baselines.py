@@ -26,6 +26,7 @@ from PIL import Image
 from .attention import capture_cross_attention, forward_until_captured, map_resolution
 from .losses import attend_and_excite_loss, attend_and_excite_token_maps, object_peaks, sepen_loss_terms
 from .maps import gather_word_maps
+from .models import model_family
 from .tokens import WordSpec, count_tokens, word_token_positions
 
 # Attend-and-Excite as configured publicly (sepen-facts.md): 50 steps, guidance 7.5, the first 25 steps altered,
@@ -97,7 +98,7 @@ def attend_and_excite(pipe, prompt: str, words: Sequence[WordSpec], generator, n
                       scale_factor: float = AAE_SCALE_FACTOR, thresholds: dict[int, float] | None = None,
                       max_refinement_steps: int = AAE_MAX_REFINEMENT_STEPS, step_size_schedule: str = "sqrt",
                       height: int | None = None, width: int | None = None, resolution: int | None = None,
-                      capture_attention: bool = False) -> OptimisedSamples:
+                      capture_attention: bool = False, token_range: str | None = None) -> OptimisedSamples:
     """Attend-and-Excite: images of `prompt` whose object `words` are each strongly attended to.
 
     generator: a torch.Generator (one image) or a list of them (one image each, drawn as one batch).
@@ -105,8 +106,9 @@ def attend_and_excite(pipe, prompt: str, words: Sequence[WordSpec], generator, n
     1. run the UNet on the current latents z with the prompt's embeddings alone (the conditional branch, no
        classifier-free batch), with gradients w.r.t. z, capturing the map-level cross-attention (mean over layers
        and heads);
-    2. maps: `attend_and_excite_token_maps` (start token dropped, the prompt's tokens x100 and softmaxed over
-       them); a word of several tokens gets the sum of its tokens' maps (the public code handles single-token
+    2. maps: `attend_and_excite_token_maps` (start token dropped, the kept tokens x100 and softmaxed over them;
+       which tokens follows the official code per model family: SD 1.x tokens 1..75, the end token and padding
+       included; SD 2.x the prompt's tokens only; `token_range` overrides); a word of several tokens gets the sum of its tokens' maps (the public code handles single-token
        words only); loss = `attend_and_excite_loss` = max over objects of (1 - peak of the 3x3-Gaussian-smoothed
        map; the public code's kernel, see losses.gaussian_kernel_3x3);
     3. at the steps of `thresholds` (default {0: 0.05, 10: 0.5, 20: 0.8}, those before max_iter_to_alter),
@@ -129,9 +131,11 @@ def attend_and_excite(pipe, prompt: str, words: Sequence[WordSpec], generator, n
     n_text_tokens = count_tokens(tokenizer, prompt) - 2  # the prompt's tokens between start and end
     positions = word_token_positions(tokenizer, prompt, words)
 
+    token_range = token_range or ("prompt" if model_family(pipe) == "sd2" else "all-but-last")
+
     def objective(token_maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         batch = token_maps.shape[0]
-        renormalised = attend_and_excite_token_maps(token_maps, [n_text_tokens] * batch)
+        renormalised = attend_and_excite_token_maps(token_maps, [n_text_tokens] * batch, token_range)
         maps = gather_word_maps(renormalised, [positions] * batch, combine="sum")
         return attend_and_excite_loss(maps), object_peaks(maps)
 

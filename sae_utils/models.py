@@ -203,6 +203,13 @@ def load_pipeline(model: str | os.PathLike = DEFAULT_MODEL, device: str | torch.
     return pipe
 
 
+def model_family(pipe) -> str:
+    """"sd1" or "sd2": what a method's official settings depend on. SD 2.x's OpenCLIP tokenizer pads with "!" (id 0),
+    SD 1.x's CLIP tokenizer with the end token; the toy and tiny models use SD 1's tokenizer and layout."""
+    tokenizer = pipe.tokenizer
+    return "sd1" if tokenizer.pad_token_id == tokenizer.eos_token_id else "sd2"
+
+
 def model_info(pipe) -> dict:
     """What a model folder says about itself in `toy_model.json` (vocabulary, sampler defaults, provenance);
     {} for models without one (real checkpoints, `tiny`)."""

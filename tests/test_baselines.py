@@ -1,4 +1,4 @@
-"""The test-time baselines on `tiny` (32 px images: 16x16 latents, so the 16x16 maps are the first level's)."""
+"""The test-time baselines on `tiny` at 32 px (16x16 latents: its map level, latents / 4, is then 4x4)."""
 import math
 
 import numpy as np
@@ -112,7 +112,7 @@ def test_deterministic_and_batch_independent(tiny):
 
 
 def _first_step_maps(pipe, embeds_index):
-    """Token maps (1, T, 16, 16) of one independent UNet call on the seed-0 starting latents at the first timestep;
+    """Token maps (1, T, 4, 4) of one independent UNet call on the seed-0 starting latents at the first timestep;
     embeds_index 0: the prompt's (conditional) embeddings, 1: the empty prompt's."""
     pipe.scheduler.set_timesteps(2)
     t = pipe.scheduler.timesteps[0]
@@ -129,7 +129,9 @@ def test_the_loss_reads_the_conditional_branch(tiny, method):
 
     def peaks(token_maps):
         if method == "attend-and-excite":
-            token_maps = attend_and_excite_token_maps(token_maps, [count_tokens(tiny.tokenizer, PROMPT) - 2])
+            # tiny is of the SD 1 family: the official token range 1..75 (end token and padding included)
+            token_maps = attend_and_excite_token_maps(token_maps, [count_tokens(tiny.tokenizer, PROMPT) - 2],
+                                                      token_range="all-but-last")
         return object_peaks(gather_word_maps(token_maps, positions))[0]
 
     run = attend_and_excite if method == "attend-and-excite" else sepen_test_time
@@ -157,8 +159,8 @@ def test_sepen_test_time_refines_only_on_request(tiny):
 def test_attention_maps_are_returned_on_request(tiny):
     out = attend_and_excite(tiny, PROMPT, WORDS, generators(0, 1), num_inference_steps=2, max_iter_to_alter=1,
                             thresholds={}, capture_attention=True, **SIZE)
-    assert out.word_maps.shape == (2, 2, 8, 8) and out.nsfw is None  # tiny's map level
-    assert (out.word_maps >= 0).all() and (out.word_maps.flatten(2).sum(-1) < 64).all()
+    assert out.word_maps.shape == (2, 2, 4, 4) and out.nsfw is None  # tiny's map level at 32 px
+    assert (out.word_maps >= 0).all() and (out.word_maps.flatten(2).sum(-1) < 16).all()
 
 
 def test_bad_settings_are_explained(tiny):
