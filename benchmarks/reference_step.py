@@ -6,8 +6,12 @@ What the public SepEn code does (it inherits Attend-and-Excite's attention machi
   probabilities @ V, with the probabilities of all heads materialised;
 - an attention store keeps every map whose query count is at most 32x32 (self- and cross-attention alike)
   for the whole forward, although the losses read only the 16x16 cross-attention maps;
+- the store keeps `attn[n // 2:]` of every call (a rule for classifier-free-guidance batches), so the loss reads
+  the second half of the training batch as per-head slices (`sae_utils.maps.released_head_stack`), each term a
+  max over the slices: the released objective, which `FinetuneConfig(map_reading="released")` also computes;
 - the UNet runs to the end in float32; the loss is computed from the stored maps;
-- the norm loss of multi-concept training uses a second, frozen copy of the whole UNet.
+- the norm loss of multi-concept training uses a second, frozen copy of the whole UNet, in a second update after
+  the SepEn one (train_large.py).
 The losses themselves are the same pure functions as the project's (sae_utils.losses).
 """
 from __future__ import annotations
@@ -17,7 +21,7 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from sae_utils.losses import sepen_loss_terms
+from sae_utils.losses import sepen_loss_terms_per_slice
 
 
 class ReferenceStore:
@@ -26,13 +30,14 @@ class ReferenceStore:
 
     def __call__(self, probs: torch.Tensor, is_cross: bool) -> None:
         if probs.shape[1] <= 32 ** 2:  # the reference keeps every map up to 32x32 queries
-            self.maps.append((is_cross, probs))
+            self.maps.append((is_cross, probs[probs.shape[0] // 2:]))  # AttentionControl: attn[h // 2:]
 
     def cross_maps(self, batch: int, resolution: int = 16) -> torch.Tensor:
-        """(B, res, res, T): the cross-attention maps at `resolution`, averaged over layers and heads."""
+        """(B, S, res, res, T): the kept cross-attention rows at `resolution` as aggregate_attention reshapes them
+        (image i = rows i*S .. i*S+S-1 of the kept half), averaged over layers."""
         chosen = [p for is_cross, p in self.maps if is_cross and p.shape[1] == resolution ** 2]
         maps = torch.stack([p.reshape(batch, -1, resolution, resolution, p.shape[-1]) for p in chosen])
-        return maps.mean(dim=(0, 2))
+        return maps.mean(dim=0)
 
 
 class ReferenceProcessor:
@@ -75,23 +80,28 @@ class ReferenceTrainer:
         return torch.autocast(device_type, dtype=self.autocast_dtype or torch.float32, enabled=enabled)
 
     def step(self, noisy, timesteps, text, token_indices, prior=None) -> float:
-        """token_indices: (B, K) single-token object positions; prior: (noisy, timesteps, text) for the norm loss."""
+        """token_indices: (B, K) single-token object positions; prior: (noisy, timesteps, text) for the norm loss,
+        trained in a second update as train_large.py does. Returns the SepEn loss."""
         batch = noisy.shape[0]
         self.store.maps.clear()
         with self.autocast(noisy.device.type):
             self.unet(noisy, timesteps, text)
-            maps = self.store.cross_maps(batch).float()  # (B, 16, 16, T)
-            objects = torch.stack([maps[i, :, :, token_indices[i]] for i in range(batch)]).permute(0, 3, 1, 2)
-            loss = sepen_loss_terms(objects).total.mean()
-            if self.frozen is not None:
-                p_noisy, p_t, p_text = prior
+            maps = self.store.cross_maps(batch).float()  # (B, S, 16, 16, T)
+            objects = torch.stack([maps[i, ..., token_indices[i]] for i in range(batch)]).permute(0, 1, 4, 2, 3)
+            loss = sepen_loss_terms_per_slice(objects).total.mean()  # (B, S, K, 16, 16)
+        self._update(loss)
+        if self.frozen is not None:
+            p_noisy, p_t, p_text = prior
+            with self.autocast(noisy.device.type):
                 with torch.no_grad():
                     target = self.frozen(p_noisy, p_t, p_text).sample
                 prediction = self.unet(p_noisy, p_t, p_text).sample
-                loss = loss + self.norm_loss_weight * F.mse_loss(prediction.float(), target.float())
+                self._update(self.norm_loss_weight * F.mse_loss(prediction.float(), target.float()))
+        self.store.maps.clear()
+        return loss.item()
+
+    def _update(self, loss: torch.Tensor) -> None:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.store.maps.clear()
-        return loss.item()

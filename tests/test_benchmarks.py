@@ -16,7 +16,10 @@ def test_benchmark_smoke_mode_writes_results(tmp_path):
     results = json.loads((tmp_path / "benchmark.json").read_text())
     assert results["smoke"] and results["environment"]["torch"]
     variants = {(row["configuration"], row["variant"]) for row in results["step"]}
-    assert len(variants) == 10  # 5 CPU-capable variants x 2 configurations (fused AdamW, CUDA graph: GPU only)
+    assert len(variants) == 12  # 6 CPU-capable variants x 2 configurations (fused AdamW, CUDA graph: GPU only)
+    readings = {row["variant"]: row["map_reading"] for row in results["step"]}
+    assert readings["reference, fp32 (as published)"] == "released" and "released" in readings.values()
+    assert readings["project: 16x16 capture only, SDPA elsewhere, fp32"] == "head-mean"
     assert all("median_s" in row and row["loss"] > 0 for row in results["step"]), results["step"]
     assert results["sampling"]["plain"]["images_per_s"] > 0 and "capture_overhead" in results["sampling"]
     assert results["full_run"][0]["steps"] == 4
