@@ -153,3 +153,43 @@ def multi_concept_split() -> dict[str, list[str]]:
 def multi_concept_eval_prompts() -> list[str]:
     """The 200 held-out evaluation prompts (100 seen-seen, 80 seen-unseen, 20 unseen-unseen)."""
     return list(concept_data()["multi_concept"]["eval_prompts"])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A bug worth teaching: the released multi-concept script's hard-coded token positions
+# ----------------------------------------------------------------------------------------------------------
+RELEASED_LARGE_POSITIONS = (6, 9)  # train_large.py: index_c1 = 6, index_c2 = 9, for every prompt
+RELEASED_LARGE_TEMPLATE = "a photo of a {a} {connector} a {b}"
+
+
+def released_large_positions(tokenizer, a: str, b: str, connector: str = "and") -> dict:
+    """What the released train_large.py reads for one prompt: the tokens at its fixed positions 6 and 9, the
+    positions its concept words really have, and whether 6 and 9 both fall inside them.
+
+    For "a photo of a cat and a dog" the words sit at 5 and 8, so 6 and 9 are "and" and the end token.
+    """
+    from .tokens import token_positions
+
+    prompt = RELEASED_LARGE_TEMPLATE.format(a=a, b=b, connector=connector)
+    ids = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length).input_ids
+    tokens = tokenizer.convert_ids_to_tokens(ids)
+    words = {a: token_positions(tokenizer, prompt, a), b: token_positions(tokenizer, prompt, (b, 1) if a == b else b)}
+    read = {p: tokens[p].replace("</w>", "") for p in RELEASED_LARGE_POSITIONS}
+    first, second = RELEASED_LARGE_POSITIONS
+    return {"prompt": prompt, "reads": read, "word_positions": words,
+            "both_inside": first in words[a] and second in words[b]}
+
+
+def released_large_hit_rate(tokenizer, samples: int = 5000, seed: int = 0) -> dict:
+    """Over random pairs of the 200 seen concepts (each order, "and" or "with", as train_large.py draws them), how
+    often positions 6 and 9 both fall inside the two concept words; and how many concepts are several tokens."""
+    from .tokens import token_positions
+
+    seen = multi_concept_split()["seen"]
+    rng = np.random.default_rng(seed)
+    hits = 0
+    for _ in range(samples):
+        i, j = rng.choice(len(seen), size=2, replace=False)
+        hits += released_large_positions(tokenizer, seen[i], seen[j], ("and", "with")[rng.integers(2)])["both_inside"]
+    several = sum(len(token_positions(tokenizer, f"a photo of a {c}", c)) > 1 for c in seen)
+    return {"samples": samples, "both_inside": hits / samples, "multi_token_concepts": several, "concepts": len(seen)}

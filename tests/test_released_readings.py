@@ -157,3 +157,14 @@ def test_the_model_family_decides_attend_and_excite_s_token_range(tiny):
                                          [torch.Generator().manual_seed(0)], num_inference_steps=2,
                                          max_iter_to_alter=1, thresholds={}, height=64, width=64, **kw).log[0]["peaks"]
     assert run() == run(token_range="all-but-last") != run(token_range="prompt")
+
+
+def test_the_released_multi_concept_positions_mostly_miss_the_words(tokenizer):
+    from sae_utils.prompts import released_large_hit_rate, released_large_positions
+
+    cat_dog = released_large_positions(tokenizer, "cat", "dog")
+    assert cat_dog["reads"] == {6: "and", 9: "<|endoftext|>"} and cat_dog["word_positions"] == {"cat": [5], "dog": [8]}
+    assert not cat_dog["both_inside"]
+    assert released_large_positions(tokenizer, "teddy bear", "bowl")["both_inside"]  # a two-token word shifts "dog"
+    rate = released_large_hit_rate(tokenizer, samples=400)
+    assert rate["multi_token_concepts"] == 53 and 0.1 < rate["both_inside"] < 0.3
