@@ -40,6 +40,7 @@ from .models import model_info
 from .sampling import sampler_defaults
 from .tokens import word_token_positions
 
+PREMISE_COMMAND = "python -m sae_utils.premise --model sae_utils/toyworld/model --write"
 EVAL_SEED = 100_000  # the toy study's evaluation seeds: finetuning never draws them
 THRESHOLDS = {"single": 0.90, "seen": 0.85, "target": 0.50, "control": 0.75, "missing_lower_mass": 0.75,
               "auc": 0.70, "boost_both": 0.50, "boost_swap": 0.25, "control_boost_both": 0.10}
@@ -394,6 +395,8 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--out", help="write premise.json and premise.md here")
+    parser.add_argument("--write", action="store_true",
+                        help="a toy model folder: store the gates in its toy_model.json (what notebook 01 shows)")
     args = parser.parse_args(argv)
     pipe = load_pipeline(args.model, device=args.device)
     settings = PremiseSettings(resolution=args.resolution)
@@ -425,6 +428,27 @@ def main(argv=None) -> None:
         atomic_write(out / "premise.json", json.dumps(report, indent=1) + "\n")
         atomic_write(out / "premise.md", f"# The premise check\n\n{table}\n")
         print(f"written to {out}")
+    if args.write:
+        print(f"gates written to {write_premise(pipe.name_or_path, report)}")
+
+
+def summary(report: dict) -> dict:
+    """The gates and the figures behind them, without the per-image verdicts: what a model folder keeps."""
+    keep = ("model", "settings", "map_resolution", "sampling", "rates", "attention", "attention_by_resolution", "boost",
+            "gates", "passed")
+    return {k: report[k] for k in keep if k in report} | {"command": PREMISE_COMMAND}
+
+
+def write_premise(model_folder, report: dict) -> Path:
+    """Store `summary(report)` as the "premise" field of a toy model folder's toy_model.json (atomically)."""
+    from .checkpoint import atomic_write
+
+    path = Path(model_folder) / "toy_model.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: --write stores the gates in a toy model folder.")
+    info = json.loads(path.read_text())
+    info["premise"] = summary(report)
+    return atomic_write(path, json.dumps(info, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ COLAB = "https://colab.research.google.com/github/"
 CI_PARAMETERS = {"model": "tiny", "device": "cpu", "interactive": False}
 CI_PARAMETERS_PER_NOTEBOOK = {
     "00_toy_world": {"model": "toy", "images_per_prompt": 1},
-    "01_cross_attention_maps": {"num_inference_steps": 4},
+    "01_cross_attention_maps": {"num_inference_steps": 4, "premise_images_per_pair": 2},
     "02_separate_and_enhance_losses": {"num_inference_steps": 4, "use_reference_solution": True},
     "03_finetune": {"num_inference_steps": 4, "steps": 6},
     "04_evaluate": {"model": "toy", "num_prompts": 2, "seeds_per_prompt": 2, "finetune_steps": 20},

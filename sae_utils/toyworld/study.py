@@ -291,7 +291,9 @@ ABLATION = {"separate only": dict(lambda_en=0.0), "enhance only": dict(lambda_se
             "100 steps": dict(steps=100), "400 steps": dict(steps=400),
             # a variant, not the paper's recipe: the losses on the model's own sampling path (random latents are
             # far from what the toy model sees when it samples)
-            "sepen (K), trajectory latents": dict(latent_source="trajectory")}
+            "sepen (K), trajectory latents": dict(latent_source="trajectory"),
+            # the released code's reading of the maps (per-head slices of half the batch; FinetuneConfig.map_reading)
+            "sepen (K), released map reading": dict(map_reading="released")}
 COMMAND = "python -m sae_utils.toyworld.study --out benchmarks/results/toy_study"
 
 
