@@ -1,7 +1,7 @@
 import pytest
 
-from sae_utils.tokens import (PromptTooLongError, WordNotInPromptError, count_tokens, prompt_words,
-                              token_positions, word_token_positions)
+from sae_utils.tokens import (AmbiguousWordError, PromptTooLongError, WordNotInPromptError, count_tokens,
+                              occurrence_at, prompt_words, token_positions, word_token_positions)
 
 
 def decoded(tokenizer, prompt, positions):
@@ -72,3 +72,34 @@ def test_a_single_string_is_not_a_word_list(tokenizer):
 
 def test_prompt_words():
     assert prompt_words("A photo of a Cat, and a dog!") == ["a", "photo", "of", "a", "cat", "and", "a", "dog"]
+
+
+def test_two_words_never_read_the_same_token(tokenizer):
+    # the second word used to take its first occurrence: both words read "cat" (or "bear") and trained on one map
+    assert word_token_positions(tokenizer, "a photo of a cat and a Cat", ["cat", "Cat"]) == [[5], [8]]
+    teddy = "a photo of a teddy bear and a bear"
+    assert word_token_positions(tokenizer, teddy, ["teddy bear", "bear"]) == [[5, 6], [9]]
+    assert word_token_positions(tokenizer, teddy, ["bear", "teddy bear"]) == [[9], [5, 6]]  # phrases claim first
+    assert word_token_positions(tokenizer, "a bear and a teddy bear", ["bear", "teddy bear"]) == [[2], [5, 6]]
+    with pytest.raises(AmbiguousWordError, match="would read the same token"):
+        word_token_positions(tokenizer, teddy, ["teddy bear", ("bear", 0)])
+
+
+def test_a_word_that_could_be_several_occurrences_is_refused(tokenizer):
+    # "photo" is the template's word and the object's: the first one is not the object
+    prompt = "a photo of a photo and a dog"
+    with pytest.raises(AmbiguousWordError, match=r"appears 2 times.*\('photo', 1\)"):
+        word_token_positions(tokenizer, prompt, ["photo", "dog"])
+    assert word_token_positions(tokenizer, prompt, [("photo", 1), "dog"]) == [[5], [8]]
+    with pytest.raises(AmbiguousWordError, match="asked for 2 time"):
+        word_token_positions(tokenizer, "a cat and a dog", ["cat", "cat"])
+    with pytest.raises(TypeError, match="occurrence"):
+        word_token_positions(tokenizer, prompt, [("photo", "1")])
+
+
+def test_occurrence_at_tells_a_placed_word_from_the_template(tokenizer):
+    prompt = "a photo of a photo and a dog"
+    assert occurrence_at(prompt, "photo", prompt.index("photo and")) == 1
+    assert occurrence_at(prompt, "dog", prompt.index("dog")) == 0
+    with pytest.raises(WordNotInPromptError, match="whole word"):
+        occurrence_at(prompt, "hot", prompt.index("hot"))
