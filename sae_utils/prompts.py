@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import json
 import re
+import string
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
@@ -28,20 +29,56 @@ PRIOR_TEMPLATE = "a photo of a {a}"
 class PairPrompt:
     prompt: str
     words: tuple[str, ...]  # the object words, in prompt order
+    # which occurrence of each word in the prompt is the object (0-based): "photo" in "a photo of a photo and a
+    # dog" is occurrence 1, since the template has one too; None: each word's only free occurrence
+    occurrences: tuple[int, ...] | None = None
+
+    @property
+    def word_specs(self) -> list:
+        """The words as `tokens.word_token_positions` reads them: ("photo", 1), or "cat" without occurrences."""
+        if self.occurrences is None:
+            return list(self.words)
+        return [(word, occurrence) for word, occurrence in zip(self.words, self.occurrences)]
 
 
 def pair_prompt(a: str, b: str, template: str = TRAIN_TEMPLATE, connector: str = "and") -> PairPrompt:
-    """Fill the template; the template must name both objects, as `{a}` and `{b}`."""
+    """Fill the template; the template must name both objects, as `{a}` and `{b}`. The prompt remembers which
+    occurrence of each word it placed, so a word that is also in the template ("photo") or inside the other
+    word ("teddy bear" and "bear") is read where it was put."""
     if "{a}" not in template or "{b}" not in template:
         raise ValueError(f"The template {template!r} must contain {{a}} and {{b}} (the two objects), "
                          "e.g. 'a photo of a {a} {connector} a {b}'.")
-    return PairPrompt(template.format(a=a, b=b, connector=connector), (a, b))
+    prompt, starts = _fill(template, dict(a=a, b=b, connector=connector))
+    return PairPrompt(prompt, (a, b), (_placed(prompt, a, starts["a"]), _placed(prompt, b, starts["b"])))
 
 
 def prior_prompt(concept: str, template: str = PRIOR_TEMPLATE) -> PairPrompt:
     if "{a}" not in template:
         raise ValueError(f"The prior template {template!r} must contain {{a}}, e.g. 'a photo of a {{a}}'.")
-    return PairPrompt(template.format(a=concept), (concept,))
+    prompt, starts = _fill(template, dict(a=concept))
+    return PairPrompt(prompt, (concept,), (_placed(prompt, concept, starts["a"]),))
+
+
+def _fill(template: str, values: dict) -> tuple[str, dict[str, int]]:
+    """template.format(**values), and the character where each field's value begins (its first use)."""
+    out, starts = "", {}
+    for literal, name, spec, conversion in string.Formatter().parse(template):
+        out += literal
+        if name is None:
+            continue
+        if name not in values:
+            raise ValueError(f"The template {template!r} has a field {{{name}}}; the fields are "
+                             f"{', '.join('{' + k + '}' for k in values)}.")
+        starts.setdefault(name, len(out))
+        value = {"r": repr, "s": str, "a": ascii}[conversion](values[name]) if conversion else values[name]
+        out += format(value, spec or "")
+    return out, starts
+
+
+def _placed(prompt: str, word: str, start: int) -> int:
+    from .tokens import occurrence_at
+
+    return occurrence_at(prompt, word, start)
 
 
 def pair_words(prompt: str) -> list[str]:
@@ -49,20 +86,55 @@ def pair_words(prompt: str) -> list[str]:
 
     The last word on each side of the first "and" / "with" (so "a red car" gives "car").
     """
-    sides = re.split(r"\b(?:and|with)\b", prompt, maxsplit=1)
-    if len(sides) != 2 or not all(re.findall(r"\w+", side) for side in sides):
+    return [word for word, _ in pair_word_specs(prompt)]
+
+
+def pair_word_specs(prompt: str) -> list[tuple[str, int]]:
+    """`pair_words` with the occurrence of each word (see tokens.word_token_positions): 'a photo of a teddy bear
+    and a bear' -> [('bear', 0), ('bear', 1)], two objects that must not read the same token."""
+    from .tokens import occurrence_at
+
+    connector = re.search(r"\b(?:and|with)\b", prompt)
+    left = list(re.finditer(r"\w+", prompt[:connector.start()])) if connector else []
+    right = list(re.finditer(r"\w+", prompt[connector.end():])) if connector else []
+    if not left or not right:
         raise ValueError(f"{prompt!r} does not name two objects; write it as 'a X and a Y' (or 'a X with a Y').")
-    return [re.findall(r"\w+", side)[-1] for side in sides]
+    a, b = left[-1], right[-1]
+    return [(a.group(), occurrence_at(prompt, a.group(), a.start())),
+            (b.group(), occurrence_at(prompt, b.group(), connector.end() + b.start()))]
 
 
 def prompt_objects(prompt: str) -> list[str]:
     """The object words of a one- or two-object prompt: 'a photo of a cat' -> ['cat'], '... and a dog' -> two."""
+    return [word for word, _ in prompt_object_specs(prompt)]
+
+
+def prompt_object_specs(prompt: str) -> list[tuple[str, int]]:
+    """`prompt_objects` with each word's occurrence in the prompt."""
+    from .tokens import occurrence_at
+
     if re.search(r"\b(?:and|with)\b", prompt):
-        return pair_words(prompt)
-    words = re.findall(r"\w+", prompt)
+        return pair_word_specs(prompt)
+    words = list(re.finditer(r"\w+", prompt))
     if not words:
         raise ValueError(f"{prompt!r} names no object.")
-    return [words[-1]]
+    return [(words[-1].group(), occurrence_at(prompt, words[-1].group(), words[-1].start()))]
+
+
+def check_distinct_concepts(concepts: Sequence[str]) -> None:
+    """Concepts must be words (strings with letters or digits), and two concepts are different only if their
+    words are: word matching ignores case and punctuation, so "cat" and "Cat" would read the same tokens."""
+    from .tokens import prompt_words
+
+    seen: dict[tuple[str, ...], str] = {}
+    for concept in concepts:
+        if not isinstance(concept, str) or not prompt_words(concept):
+            raise ValueError(f"A concept is a word or phrase such as 'cat' or 'teddy bear'; got {concept!r}.")
+        key = tuple(prompt_words(concept))
+        if key in seen and seen[key] != concept:
+            raise ValueError(f"The concepts {seen[key]!r} and {concept!r} are the same word (matching ignores case "
+                             "and punctuation): list each concept once.")
+        seen[key] = concept
 
 
 class PairSampler:
@@ -76,13 +148,19 @@ class PairSampler:
                  template: str = TRAIN_TEMPLATE, connectors: Sequence[str] = ("and",), shuffle_order: bool = False):
         if (pairs is None) == (concepts is None):
             raise ValueError("Give either `pairs` (e.g. [('cat', 'dog')]) or `concepts` (random pairs of them).")
+        from .tokens import prompt_words
+
         if pairs is not None:
             pairs = [tuple(p) for p in pairs]
-            bad = [p for p in pairs if len(p) != 2 or p[0] == p[1]]
+            check_distinct_concepts([w for p in pairs for w in p])
+            # case and punctuation do not make two concepts: ("cat", "Cat") would train one word against itself
+            bad = [p for p in pairs if len(p) != 2 or prompt_words(p[0]) == prompt_words(p[1])]
             if not pairs or bad:
                 raise ValueError(f"Each pair must be two different concepts; got {bad or pairs}.")
-        if concepts is not None and len(set(concepts)) < 2:
-            raise ValueError(f"Random pairs need at least 2 different concepts; got {list(concepts)}.")
+        if concepts is not None:
+            check_distinct_concepts(concepts)
+            if len(set(concepts)) < 2:
+                raise ValueError(f"Random pairs need at least 2 different concepts; got {list(concepts)}.")
         if not connectors:
             raise ValueError("Give at least one connector, e.g. ('and',).")
         self.pairs, self.concepts = pairs, (list(dict.fromkeys(concepts)) if concepts is not None else None)

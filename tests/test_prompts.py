@@ -53,3 +53,36 @@ def test_shipped_prompt_sets():
     split = multi_concept_split()
     assert len(split["seen"]) == 200 and len(split["unseen"]) == 20 and not set(split["seen"]) & set(split["unseen"])
     assert len(multi_concept_eval_prompts()) == 200
+
+
+def test_a_pair_prompt_knows_where_it_placed_each_word(tokenizer):
+    from sae_utils.tokens import word_token_positions
+
+    photo = pair_prompt("photo", "dog")  # the template has its own "photo": the object is the second one
+    assert photo.prompt == "a photo of a photo and a dog" and photo.word_specs == [("photo", 1), ("dog", 0)]
+    assert word_token_positions(tokenizer, photo.prompt, photo.word_specs) == [[5], [8]]
+    teddy = pair_prompt("teddy bear", "bear")
+    assert word_token_positions(tokenizer, teddy.prompt, teddy.word_specs) == [[5, 6], [9]]
+    assert pair_prompt("cat", "dog", template="{b} and {a}, {{literal}}").prompt == "dog and cat, {literal}"
+    with pytest.raises(ValueError, match=r"field \{c\}"):
+        pair_prompt("cat", "dog", template="a {a} and a {b} and a {c}")
+    with pytest.raises(ValueError, match="whole word"):
+        pair_prompt("cat", "dog", template="a photo of {a}s and {b}s")
+
+
+def test_concepts_that_differ_only_in_case_are_one_concept():
+    with pytest.raises(ValueError, match="same word"):
+        PairSampler(pairs=[("cat", "Cat")])
+    with pytest.raises(ValueError, match="same word"):
+        PairSampler(concepts=["cat", "dog", "Cat"])
+    with pytest.raises(ValueError, match="word or phrase"):
+        PairSampler(concepts=["cat", "!!"])
+    PairSampler(pairs=[("teddy bear", "bear")])  # different words: allowed, and read apart
+
+
+def test_object_words_with_their_occurrences():
+    from sae_utils.prompts import pair_word_specs, prompt_object_specs
+
+    assert pair_word_specs("a photo of a teddy bear and a bear") == [("bear", 0), ("bear", 1)]
+    assert pair_word_specs("a photo of a photo and a dog") == [("photo", 1), ("dog", 0)]
+    assert prompt_object_specs("a photo of a photo") == [("photo", 1)]
