@@ -14,6 +14,7 @@ import json
 import importlib
 import importlib.util
 import os
+import re
 import socket
 from functools import lru_cache
 from pathlib import Path
@@ -193,6 +194,10 @@ def load_pipeline(model: str | os.PathLike = DEFAULT_MODEL, device: str | torch.
         raise ModelNotAvailableError(
             f"{name!r} looks like a single checkpoint file; sae_utils loads diffusers folders. Convert it with "
             "StableDiffusionPipeline.from_single_file(...).save_pretrained(folder) and pass the folder.")
+    elif not _could_be_hub_id(name):
+        raise ModelNotAvailableError(
+            f"No model folder at {name!r} ({Path(name).expanduser().resolve()} does not exist or is not a folder). "
+            "Check the path; a hub id looks like 'CompVis/stable-diffusion-v1-4'.")
     else:
         pipe = _from_hub(name, dtype, safety_checker)
     check_tokenizer(pipe.tokenizer, where=name)
@@ -201,6 +206,24 @@ def load_pipeline(model: str | os.PathLike = DEFAULT_MODEL, device: str | torch.
     if pipe.unet.dtype != dtype:  # casting a float32 model to float32 only earns a diffusers warning
         pipe.to(dtype=dtype)
     return pipe
+
+
+def portable_model_name(model: str | os.PathLike) -> str:
+    """How a delta names its base model: a hub id as it is, "toy" for the shipped toy model, and a local folder
+    by its own name, not by this machine's path (which means nothing elsewhere)."""
+    name = str(model)
+    if name in ("tiny", "toy"):
+        return name
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return "toy" if path.resolve() == TOY_MODEL_DIR.resolve() else path.resolve().name
+    return name
+
+
+def _could_be_hub_id(name: str) -> bool:
+    """'owner/name' or 'name' of letters, digits, '-', '_', '.': anything else (an absolute or relative path,
+    '~', two slashes) can only be a local folder."""
+    return re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?", name) is not None and ".." not in name
 
 
 def model_family(pipe) -> str:
@@ -225,13 +248,20 @@ def _from_hub(repo_id: str, dtype: torch.dtype, safety_checker: bool) -> StableD
     except (OSError, ValueError):
         pass  # not in the local cache
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    folder = "" if "/" not in repo_id else f" (nor a local folder: {Path(repo_id).resolve()} does not exist)"
     if offline or not _hub_reachable():
         why = "HF_HUB_OFFLINE is set" if offline else "huggingface.co cannot be reached from this machine"
         raise ModelNotAvailableError(
-            f"Cannot load {repo_id!r}: it is not in the local Hugging Face cache and {why}. Download it on a "
+            f"Cannot load {repo_id!r}: it is not in the local Hugging Face cache{folder} and {why}. Download it on a "
             "machine with internet (huggingface-cli download ...) and pass the local folder, or use "
             "model='toy' (the project's own trained model) or model='tiny' (random weights, for tests).")
-    return _from_pretrained(repo_id, dtype, safety_checker, local_files_only=False)
+    try:
+        return _from_pretrained(repo_id, dtype, safety_checker, local_files_only=False)
+    except (OSError, ValueError) as error:  # not found, gated, a proxy's error page, a broken download, ...
+        raise ModelNotAvailableError(
+            f"Cannot load {repo_id!r} from the hub{folder}: {str(error).splitlines()[0] if str(error) else error!r}. "
+            "Check the id (and a token for gated models: huggingface-cli login), or download it and pass the "
+            "local folder.") from error
 
 
 def _from_pretrained(source, dtype, safety_checker, local_files_only) -> StableDiffusionPipeline:

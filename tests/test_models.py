@@ -96,3 +96,38 @@ def test_sd_v1_layer_selection_on_the_real_architecture():
     assert len(chosen) == 5
     keys = sum(unet.get_submodule(name).to_k.weight.numel() for name in layers)
     assert keys == 9_584_640  # SD v1.4 K-only delta: 9.6 M values
+
+
+def test_a_missing_local_folder_is_reported_as_a_missing_folder(tmp_path):
+    # it was reported as "not in the Hugging Face cache"
+    for name in (str(tmp_path / "no-such-model"), "./outputs/no-such-model", "~/no/such/model"):
+        with pytest.raises(ModelNotAvailableError, match="No model folder at") as error:
+            load_pipeline(name, device="cpu")
+        assert "cache" not in str(error.value)
+    with pytest.raises(ModelNotAvailableError, match=r"nor a local folder: .*outputs/no-such-model does not exist"):
+        load_pipeline("outputs/no-such-model", device="cpu")  # could be a hub id too: both are said
+
+
+def test_a_hub_error_becomes_the_clear_error(monkeypatch):
+    """With the network on and a hub host that accepts connections, diffusers' own OSError (a repository not
+    found, a proxy's error page) used to replace the clear error."""
+    import sae_utils.models as models
+
+    def from_pretrained(source, dtype, safety_checker, local_files_only):
+        raise OSError(f"{source} is not a local folder and is not a valid model identifier" if local_files_only
+                      else "401 Client Error: Repository Not Found for url: https://huggingface.co/api/models/x/y")
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(models, "_hub_reachable", lambda: True)
+    monkeypatch.setattr(models, "_from_pretrained", from_pretrained)
+    with pytest.raises(ModelNotAvailableError, match=r"Cannot load 'x/y' from the hub.*401.*Check the id"):
+        load_pipeline("x/y", device="cpu")
+
+
+def test_a_delta_names_its_base_model_portably(tiny, tmp_path):
+    from sae_utils.models import TOY_MODEL_DIR, portable_model_name
+
+    assert portable_model_name("CompVis/stable-diffusion-v1-4") == "CompVis/stable-diffusion-v1-4"
+    assert portable_model_name(TOY_MODEL_DIR) == "toy" and portable_model_name("toy") == "toy"
+    tiny.save_pretrained(tmp_path / "my-model")
+    assert portable_model_name(tmp_path / "my-model") == "my-model"  # not this machine's path
