@@ -10,7 +10,8 @@
 A delta applies to any UNet of the architecture it was trained on (same `architecture_fingerprint`: e.g. SD v1.4,
 v1.5 and their finetunes) and is undone bitwise. Everything is checked before a single weight changes, so a
 rejected delta leaves the pipeline as it was. The metadata is JSON, stored as the safetensors header's string
-metadata under the key "sae_utils"; nothing is pickled.
+metadata under the key "sae_utils"; nothing is pickled. A saved delta carries the sha256 of its content (tensors
+and metadata, `content_sha256`), so a file with one changed byte is refused on loading.
 """
 from __future__ import annotations
 
@@ -36,6 +37,11 @@ logger = logging.getLogger(__name__)
 
 METADATA_KEY = "sae_utils"
 FORMAT_VERSION = 1
+HASH_KEY = "content_sha256"  # over the tensors (names, dtypes, shapes, bytes) and the rest of the metadata
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# A trained key moves by a small fraction of its size; a tensor whose RMS is this many times the weights' it would
+# replace is not a finetune of them (a mis-scaled or corrupted delta), and is refused.
+MAX_SCALE = 100.0
 # Which projections of each cross-attention layer a trainable set selects. K alone is SepEn; V and K+V exist for
 # the ablation (finetuning V collapses image quality), Q for completeness.
 TRAINABLE_SETS = {"k": ("to_k",), "kv": ("to_k", "to_v"), "v": ("to_v",), "q": ("to_q",)}
@@ -176,9 +182,13 @@ def _trainable_set_of(unet, names: list[str], layers: list[str]) -> str:
 
 
 def _model_name(model) -> str | None:
-    """The hub id or folder a pipeline / UNet was loaded from; None for one built in memory (e.g. `tiny`)."""
+    """The hub id a pipeline / UNet was loaded from, "toy", or a local folder's name (not this machine's path);
+    None for one built in memory (e.g. `tiny`)."""
+    from .models import portable_model_name
+
     unet = getattr(model, "unet", model)
-    return getattr(model, "name_or_path", None) or unet.config.get("_name_or_path") or None
+    source = getattr(model, "name_or_path", None) or unet.config.get("_name_or_path") or None
+    return portable_model_name(source) if source else None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -198,9 +208,12 @@ def save_delta(delta: Delta, path: str | os.PathLike, dtype: torch.dtype | None 
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {name: t.detach().to(device="cpu", dtype=dtype or t.dtype).contiguous()
                for name, t in delta.tensors.items()}
-    metadata = dict(delta.metadata)
+    if dtype is not None and dtype not in FLOAT_DTYPES:
+        raise DeltaError(f"dtype={dtype}: a delta holds float32, float16 or bfloat16 tensors.")
+    metadata = json.loads(json.dumps({k: v for k, v in delta.metadata.items() if k != HASH_KEY}))  # as it is read
     if dtype is not None:
         metadata["dtype"] = str(dtype).removeprefix("torch.")
+    metadata[HASH_KEY] = content_sha256(tensors, metadata)
     # A temporary sibling, then a rename: os.replace is atomic within one file system.
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
@@ -237,13 +250,52 @@ def load_delta(path: str | os.PathLike) -> Delta:
     except json.JSONDecodeError as error:
         raise DeltaError(f"The metadata of {path} is not valid JSON ({error}): the file is truncated or corrupted; "
                          "re-save it or re-train.") from error
+    if not isinstance(metadata, dict):
+        raise DeltaError(f"The metadata of {path} is a JSON {type(metadata).__name__}, not an object: the file was "
+                         "not written by save_delta, or was edited. Re-save it or re-train.")
     delta = Delta(tensors, metadata)
     _check_tensors_match_metadata(delta, where=str(path))
+    expected = metadata.get(HASH_KEY)
+    if expected is None:
+        logger.warning("%s has no content hash (saved by an older sae_utils): it is read unchecked.", path)
+    elif content_sha256(tensors, {k: v for k, v in metadata.items() if k != HASH_KEY}) != expected:
+        raise DeltaError(f"{path} is corrupted: its content does not match the sha256 it was saved with (a changed "
+                         "byte in its tensors or metadata). Re-save it from the training run or re-train.")
     delta.tensors = {name: tensors[name] for name in metadata["tensors"]}  # safetensors sorts; keep extract's order
     return delta
 
 
+def content_sha256(tensors: dict[str, torch.Tensor], metadata: dict) -> str:
+    """sha256 of a delta's content: each tensor's name, dtype, shape and bytes (in name order), then the metadata
+    as canonical JSON. Independent of the file's layout; stored in the file under `HASH_KEY`."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        digest.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    digest.update(json.dumps(metadata, sort_keys=True, separators=(",", ":")).encode())
+    return digest.hexdigest()
+
+
+def same_delta(delta: Delta, path: str | os.PathLike) -> bool:
+    """Whether the delta file at `path` holds exactly this delta: the same tensors bitwise, the same metadata but
+    for its creation time and hash (an unreadable file is not the same)."""
+    try:
+        saved = load_delta(path)
+    except DeltaError:
+        return False
+    ignore = ("created", HASH_KEY)
+    if {k: v for k, v in saved.metadata.items() if k not in ignore} != \
+            json.loads(json.dumps({k: v for k, v in delta.metadata.items() if k not in ignore})):
+        return False
+    return saved.tensors.keys() == delta.tensors.keys() and all(
+        saved.tensors[n].dtype == t.dtype and torch.equal(saved.tensors[n], t.cpu()) for n, t in delta.tensors.items())
+
+
 def _check_tensors_match_metadata(delta: Delta, where: str) -> None:
+    if not isinstance(delta.metadata, dict):
+        raise DeltaError(f"The metadata of {where} is a {type(delta.metadata).__name__}, not a dict; make deltas with "
+                         "extract_delta.")
     listed = delta.metadata.get("tensors")
     if not isinstance(listed, dict):
         raise DeltaError(f"The metadata of {where} has no 'tensors' table (name -> shape); make deltas with "
@@ -259,6 +311,10 @@ def _check_tensors_match_metadata(delta: Delta, where: str) -> None:
     if wrong:
         raise DeltaError(f"The tensors of {where} do not have the shapes its metadata lists: {wrong[:3]}. "
                          "Re-save it or re-train.")
+    not_float = [f"{name}: {t.dtype}" for name, t in delta.tensors.items() if t.dtype not in FLOAT_DTYPES]
+    if not_float:
+        raise DeltaError(f"The tensors of {where} must be float32, float16 or bfloat16 weights; {len(not_float)} are "
+                         f"not: {not_float[:3]}. Re-save it from the training run or re-train.")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -334,6 +390,16 @@ def apply_delta(model, delta: Delta, strict: bool = True) -> DeltaHandle:
         raise DeltaError(f"The delta holds NaN or infinite values in {not_finite[:3]}: the training diverged. "
                          "Re-train with a lower learning rate.")
     applied = {name: t.to(device=params[name].device, dtype=params[name].dtype) for name, t in delta.tensors.items()}
+    overflow = [name for name, t in applied.items() if not torch.isfinite(t).all()]
+    if overflow:
+        raise DeltaError(f"The delta's values in {overflow[:3]} overflow the UNet's {params[overflow[0]].dtype}: they "
+                         "are far outside any trained weights (a corrupted or mis-scaled delta). Re-train it.")
+    scales = {name: _rms(t) / max(_rms(params[name]), 1e-6) for name, t in applied.items()}
+    outsized = sorted((name for name, scale in scales.items() if scale > MAX_SCALE), key=lambda n: -scales[n])
+    if outsized:
+        raise DeltaError(f"The delta's {outsized[0]} is {scales[outsized[0]]:.3g} times the size (RMS) of the weights "
+                         f"it replaces ({len(outsized)} tensors above {MAX_SCALE:g}x): not a finetune of this model "
+                         "(a corrupted or mis-scaled delta). Re-train it, or check that it was made for this model.")
     originals = {name: params[name].detach().clone() for name in applied}
     with torch.no_grad():
         for name, value in applied.items():
@@ -359,6 +425,10 @@ def _check_fingerprint(model, unet, delta: Delta) -> None:
         f"architecture {actual}. A delta only applies to the architecture it was trained on"
         + (f"; they differ in {'; '.join(differences)}" if differences else "")
         + ". Load a pipeline of the delta's base model, or re-train the delta on this one.")
+
+
+def _rms(t: torch.Tensor) -> float:
+    return t.detach().float().pow(2).mean().sqrt().item() if t.numel() else 0.0
 
 
 def delta_summary(delta: Delta) -> str:

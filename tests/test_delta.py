@@ -167,7 +167,9 @@ def test_round_trip_is_bitwise(tmp_path):
     path = save_delta(delta, tmp_path / "d.safetensors")
     assert path == tmp_path / "d.safetensors"
     loaded = load_delta(path)
-    assert loaded.metadata == delta.metadata
+    hash_key = delta_module.HASH_KEY
+    assert {k: v for k, v in loaded.metadata.items() if k != hash_key} == delta.metadata
+    assert len(loaded.metadata[hash_key]) == 64  # the sha256 of the content, checked on every load
     assert list(loaded.tensors) == list(delta.tensors)  # same order too
     for name, value in delta.tensors.items():
         assert loaded.tensors[name].dtype == value.dtype and torch.equal(loaded.tensors[name], value)
@@ -405,3 +407,88 @@ def test_summary_names_what_matters():
     assert f"{len(delta.tensors)} tensors" in summary and f"{delta.num_values:,} values" in summary
     assert "trainable 'k'" in summary and "base model: tiny" in summary and "cat, dog" in summary
     assert delta.metadata["fingerprint"] in summary
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Corrupted deltas: every kind is refused, with what is wrong
+# ----------------------------------------------------------------------------------------------------------
+def _header_length(raw: bytes) -> int:
+    return 8 + int.from_bytes(raw[:8], "little")
+
+
+@pytest.mark.parametrize("where", ["first data byte", "middle data byte", "last data byte", "metadata digit"])
+def test_one_changed_byte_is_refused(tmp_path, where):
+    path = save_delta(trained_delta(tiny_unet(), base_model="tiny", steps=200), tmp_path / "d.safetensors")
+    raw = bytearray(path.read_bytes())
+    start = _header_length(raw)
+    if where == "metadata digit":  # still valid JSON, a silently different delta without the hash
+        at = raw.index(b'\\"steps\\": 200') + len(b'\\"steps\\": ')
+        raw[at] = ord("3")
+    else:
+        at = {"first data byte": start, "middle data byte": (start + len(raw)) // 2,
+              "last data byte": len(raw) - 1}[where]
+        raw[at] ^= 0x01
+    path.write_bytes(bytes(raw))
+    with pytest.raises(DeltaError, match="corrupted: its content does not match the sha256"):
+        load_delta(path)
+
+
+def test_values_scaled_by_1e30_are_refused_in_a_file_and_in_memory(tmp_path):
+    unet = tiny_unet()
+    delta = trained_delta(unet)
+    path = save_delta(delta, tmp_path / "d.safetensors")
+    raw = bytearray(path.read_bytes())
+    start = _header_length(raw)
+    scaled = torch.frombuffer(bytearray(raw[start:start + 4]), dtype=torch.float32) * 1e30  # one value, x1e30
+    raw[start:start + 4] = scaled.numpy().tobytes()
+    path.write_bytes(bytes(raw))
+    with pytest.raises(DeltaError, match="sha256"):
+        load_delta(path)
+    name = next(iter(delta.tensors))
+    delta.tensors[name] = delta.tensors[name] * 1e30  # made in memory, no file to hash
+    before = snapshot(unet)
+    with pytest.raises(DeltaError, match="times the size .* not a finetune of this model"):
+        apply_delta(unet, delta)
+    assert_unchanged(unet, before)
+
+
+def test_a_delta_that_overflows_the_unets_dtype_is_refused():
+    unet = tiny_unet().to(torch.float16)
+    delta = trained_delta(tiny_unet())
+    name = next(iter(delta.tensors))
+    delta.tensors[name] = delta.tensors[name].clone()
+    delta.tensors[name][0, 0] = 1e6  # finite in float32, inf in float16
+    with pytest.raises(DeltaError, match="overflow the UNet's torch.float16"):
+        apply_delta(unet, delta)
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.bool, torch.int64])
+def test_tensors_that_are_not_floats_are_refused(tmp_path, dtype):
+    delta = trained_delta(tiny_unet())
+    tensors = {n: (t * 10).to(dtype) for n, t in delta.tensors.items()}  # the right shapes, the wrong kind
+    path = tmp_path / "ints.safetensors"
+    save_file(tensors, path, metadata={"sae_utils": json.dumps(delta.metadata)})
+    with pytest.raises(DeltaError, match=f"must be float32, float16 or bfloat16 .*{str(dtype).removeprefix('torch.')}"):
+        load_delta(path)
+    with pytest.raises(DeltaError, match="must be float32"):
+        apply_delta(tiny_unet(), Delta(tensors, delta.metadata))
+
+
+@pytest.mark.parametrize("metadata", ["[1, 2]", '"a string"', "3", "null"])
+def test_metadata_that_is_not_a_json_object_is_refused(tmp_path, metadata):
+    path = tmp_path / "list.safetensors"
+    save_file(trained_delta(tiny_unet()).tensors, path, metadata={"sae_utils": metadata})
+    with pytest.raises(DeltaError, match="not an object"):
+        load_delta(path)
+
+
+def test_a_delta_of_the_toy_model_can_be_extracted_and_names_it_portably(tmp_path):
+    from sae_utils.models import load_pipeline
+
+    toy = load_pipeline("toy", device="cpu")  # its name_or_path is a Path: extract_delta crashed on it
+    delta = extract_delta(toy, trainable_parameter_names(toy.unet, "k"))
+    assert delta.metadata["base_model"] == "toy"
+    folder = tmp_path / "my-sd-copy"
+    tiny_pipeline().save_pretrained(folder)
+    copy = load_pipeline(str(folder), device="cpu")
+    assert extract_delta(copy, trainable_parameter_names(copy.unet, "k")).metadata["base_model"] == "my-sd-copy"
