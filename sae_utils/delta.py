@@ -32,6 +32,7 @@ from safetensors.torch import save_file
 import sae_utils as _package
 
 from .attention import cross_attention_layers
+from .checkpoint import fault_point
 
 logger = logging.getLogger(__name__)
 
@@ -220,6 +221,7 @@ def save_delta(delta: Delta, path: str | os.PathLike, dtype: torch.dtype | None 
         save_file(tensors, tmp, metadata={METADATA_KEY: json.dumps(metadata), "format": "pt"})
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        fault_point("delta:written")
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -20,6 +20,8 @@ import csv
 import dataclasses
 import io
 import json
+import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,12 +34,15 @@ from tqdm.auto import tqdm
 
 from . import delta as deltas
 from .attention import capture_cross_attention, forward_until_captured, map_resolution
-from .checkpoint import atomic_write, load_checkpoint, optimizer_from_tensors, optimizer_to_tensors, save_checkpoint
+from .checkpoint import (CheckpointError, atomic_write, check_writable, find_checkpoint, load_checkpoint,
+                         optimizer_from_tensors, optimizer_to_tensors, remove_orphans, save_checkpoint)
 from .losses import sepen_loss_terms, sepen_loss_terms_per_slice
 from .maps import released_head_stack
-from .models import DEFAULT_MODEL, load_pipeline, model_info
+from .models import DEFAULT_MODEL, load_pipeline, model_info, portable_model_name
 from .prompts import PRIOR_TEMPLATE, TRAIN_TEMPLATE, PairPrompt, PairSampler, prior_prompt
-from .tokens import check_prompt_length, word_token_positions
+from .tokens import check_prompt_length, occurrence_at, word_spans, word_token_positions
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -102,15 +107,41 @@ class FinetuneConfig:
 
     def validate(self) -> None:
         """Raise on settings that cannot work, naming the setting and a fix."""
+        from .cli import check_field_types
+        from .losses import KERNEL_READINGS
+
+        check_field_types(self)  # a config file's "steps": "200" is caught here, not deep in training
         if (self.pairs is None) == (self.concepts is None):
             raise ValueError("Give either `pairs` (e.g. [('cat', 'dog')]) or `concepts` (multi-concept training).")
         positive = {"steps": self.steps, "batch_size": self.batch_size, "learning_rate": self.learning_rate,
-                    "gradient_accumulation_steps": self.gradient_accumulation_steps}
+                    "gradient_accumulation_steps": self.gradient_accumulation_steps,
+                    "checkpoint_every": self.checkpoint_every, "adam_epsilon": self.adam_epsilon}
         for name, value in positive.items():
-            if not value > 0:
-                raise ValueError(f"{name} must be > 0, got {value}.")
-        if self.lambda_sep < 0 or self.lambda_en < 0 or self.lambda_sep + self.lambda_en == 0:
+            if not (math.isfinite(value) and value > 0):  # NaN and inf compare false or pass `> 0`: say so
+                raise ValueError(f"{name} must be > 0 and finite, got {value}.")
+        for name in ("lambda_sep", "lambda_en", "norm_loss_weight", "adam_weight_decay"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be >= 0 and finite, got {value}.")
+        if self.lambda_sep + self.lambda_en == 0:
             raise ValueError(f"lambda_sep={self.lambda_sep}, lambda_en={self.lambda_en}: use weights >= 0, not both 0.")
+        # clipping to a norm <= 0 flips the gradient (-1 trains uphill) or zeroes it (0 trains nothing); inf: no clip
+        if not self.max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be > 0 (inf: no clipping), got {self.max_grad_norm}.")
+        if not all(0 <= beta < 1 for beta in self.adam_betas):
+            raise ValueError(f"adam_betas={tuple(self.adam_betas)}: each must be in [0, 1), e.g. (0.9, 0.999).")
+        if self.latent_scale is not None and not (math.isfinite(self.latent_scale) and self.latent_scale > 0):
+            raise ValueError(f"latent_scale must be a finite number > 0 (or None), got {self.latent_scale}.")
+        for name in ("image_size", "map_resolution", "validation_inference_steps"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer (or None), got {getattr(self, name)}.")
+        if self.seed < 0 or self.validate_every < 0 or any(s < 0 for s in self.validation_seeds):
+            raise ValueError(f"seed, validate_every and validation_seeds must be >= 0, got {self.seed}, "
+                             f"{self.validate_every}, {list(self.validation_seeds)}.")
+        if not self.connectors:
+            raise ValueError("Give at least one connector, e.g. ('and',).")
+        if self.kernel_reading not in KERNEL_READINGS:
+            raise ValueError(f"kernel_reading={self.kernel_reading!r}: use one of {KERNEL_READINGS}.")
         if self.map_reading not in MAP_READINGS:
             raise ValueError(f"map_reading={self.map_reading!r}: use one of {MAP_READINGS}.")
         if self.norm_update not in NORM_UPDATES:
@@ -126,8 +157,10 @@ class FinetuneConfig:
         low, high = self.timestep_range
         if not 0 <= low < high <= 1000:
             raise ValueError(f"timestep_range={self.timestep_range}: need 0 <= low < high <= 1000.")
-        if self.norm_loss_weight < 0:
-            raise ValueError(f"norm_loss_weight must be >= 0, got {self.norm_loss_weight}.")
+        try:
+            json.dumps(self.extra, allow_nan=False)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"extra must be JSON-able (it is saved with the delta): {error}.") from error
 
     def to_json(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -171,6 +204,14 @@ def preset(name: str, **overrides) -> FinetuneConfig:
     return FinetuneConfig(**{**PRESETS[name], **overrides})
 
 
+class DivergenceError(RuntimeError):
+    """A loss term or the gradient norm of a step is NaN or infinite: training stopped before that update."""
+
+    def __init__(self, message: str, step: int, terms: dict[str, float]):
+        super().__init__(message)
+        self.step, self.terms = step, terms
+
+
 @dataclass
 class FinetuneResult:
     delta: "deltas.Delta"
@@ -196,8 +237,11 @@ class Finetuner:
 
         config.validate()
         self.config = config
+        self.output_dir = Path(config.output_dir) if config.output_dir else None
         self.state = PartialState(cpu=config.device == "cpu" or not torch.cuda.is_available())
         device = self.state.device if config.device in ("auto", "cuda") else torch.device(config.device)
+        if self.output_dir and self.state.is_main_process:
+            check_writable(self.output_dir)  # a folder that cannot take the results fails now, not after the work
         self.precision = _resolve_precision(config.mixed_precision, device, pipeline)
         self.weight_dtype = PRECISION_DTYPES[self.precision]
         self.pipe = pipeline if pipeline is not None else load_pipeline(config.model, device=device,
@@ -208,6 +252,10 @@ class Finetuner:
                                    connectors=config.connectors, shuffle_order=config.shuffle_order)
         self._check_words()
         self.noise_scheduler = _training_scheduler(self.pipe)
+        factor = self.pipe.vae_scale_factor
+        if config.image_size is not None and config.image_size % factor:
+            raise ValueError(f"image_size={config.image_size} is not a multiple of the autoencoder's factor {factor}; "
+                             f"use e.g. {max(factor, config.image_size // factor * factor)}.")
         self.latent_size = (config.image_size or self.unet.config.sample_size * self.pipe.vae_scale_factor) \
             // self.pipe.vae_scale_factor
         self.map_resolution = config.map_resolution or map_resolution(self.pipe, self.latent_size)
@@ -228,19 +276,29 @@ class Finetuner:
 
         self.global_batch = config.batch_size * self.state.num_processes * config.gradient_accumulation_steps
         self.learning_rate = config.learning_rate * (self.global_batch if config.scale_lr else 1)
+        first_step = self.learning_rate / (1 - config.adam_betas[0])  # AdamW's step size at step 1, in float32
+        if not torch.isfinite(torch.tensor(first_step, dtype=torch.float32)):
+            raise ValueError(f"learning_rate={config.learning_rate} (x{self.global_batch if config.scale_lr else 1} "
+                             f"samples) gives AdamW a step size of {first_step:.3g}, beyond float32: use a learning "
+                             "rate of the order of 1e-6.")
         self.optimizer = torch.optim.AdamW(self.parameters, lr=self.learning_rate, betas=config.adam_betas,
                                            weight_decay=config.adam_weight_decay, eps=config.adam_epsilon,
                                            fused=config.optimizer == "adamw-fused" or None,
                                            capturable=config.compile == "cuda-graph")
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
         self.step, self.seconds, self.history = 0, 0.0, []
+        self.saved_step: int | None = None  # the step of the checkpoint on disk (the last good one)
         self._text_cache: dict[str, torch.Tensor] = {}
         self._positions: dict[PairPrompt, list[list[int]]] = {}
         self._store = None
         self._graph = None
         if config.compile == "cuda-graph":
             self._check_graphable()
-        self.output_dir = Path(config.output_dir) if config.output_dir else None
+        if self.output_dir and self.state.is_main_process:
+            # what killed writes left: the checkpoint put back together (or its leftovers removed), temporaries gone
+            find_checkpoint(self.output_dir / "checkpoint")
+            remove_orphans(self.output_dir, ["history.json", "history.csv", "loss.png", "delta.safetensors"])
+        self.state.wait_for_everyone()
         if resume and self.output_dir and (self.output_dir / "checkpoint").exists():
             self._load_checkpoint()
 
@@ -255,9 +313,9 @@ class Finetuner:
                                  f"{', '.join(sorted(vocabulary))}.")
         prompts = self.sampler.all_prompts() if self.sampler.pairs is not None else \
             [self.sampler.sample(self.config.seed, 0, i) for i in range(min(64, len(words) ** 2))]
-        for p in prompts:
+        for p in prompts + self.validation_samples():  # a validation prompt is checked now, not after set-up
             check_prompt_length(self.pipe.tokenizer, p.prompt)
-            word_token_positions(self.pipe.tokenizer, p.prompt, list(p.words))
+            word_token_positions(self.pipe.tokenizer, p.prompt, p.word_specs)
 
     def text_embeddings(self, prompts: Sequence[str]) -> torch.Tensor:
         """(B, 77, D) from the frozen text encoder, cached per prompt."""
@@ -350,7 +408,7 @@ class Finetuner:
         masks = torch.zeros(len(samples), len(samples[0].words), T)
         for b, sample in enumerate(samples):
             if sample not in self._positions:
-                self._positions[sample] = word_token_positions(self.pipe.tokenizer, sample.prompt, list(sample.words))
+                self._positions[sample] = word_token_positions(self.pipe.tokenizer, sample.prompt, sample.word_specs)
             for k, positions in enumerate(self._positions[sample]):
                 masks[b, k, positions] = 1.0
         return masks.to(self.device)
@@ -458,17 +516,21 @@ class Finetuner:
                 self.scaler.scale(losses["loss"] / c.gradient_accumulation_steps).backward()
             losses = {k: v.detach() / c.gradient_accumulation_steps for k, v in losses.items()}
             totals = losses if totals is None else {k: totals[k] + losses[k] for k in totals}
-        grad_norm = self._update()
+        grad_norm = self._update(totals)
         if c.norm_loss_weight > 0 and c.norm_update == "separate":
             totals["norm"] = self._separate_norm_update()
         self.step += 1
         return self._logged(totals, grad_norm)
 
-    def _update(self) -> torch.Tensor:
-        """Average the gradients over processes, clip, one optimizer step; returns the gradient norm."""
+    def _update(self, losses: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Average the gradients over processes, clip, one optimizer step; returns the gradient norm. A non-finite
+        loss term or gradient norm stops training before the step (`DivergenceError`): the weights stay the last
+        good ones and nothing of this step is saved."""
         self._average_gradients_across_processes()
         self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters, self.config.max_grad_norm)
+        # fp16: an overflowing gradient is the loss scaler's to handle (it skips the step and lowers the scale)
+        self._check_finite({**(losses or {}), **({} if self.precision == "fp16" else {"grad_norm": grad_norm})})
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -485,8 +547,27 @@ class Finetuner:
             norm = self.norm_loss_from(inputs["prior_noisy"], inputs["prior_timesteps"], inputs["prior_text"])
             self.scaler.scale(c.norm_loss_weight * norm / c.gradient_accumulation_steps).backward()
             total = total + norm.detach() / c.gradient_accumulation_steps
-        self._update()
+        self._update({"norm": total})
         return total
+
+    def _check_finite(self, values: dict[str, torch.Tensor | float]) -> None:
+        """Raise `DivergenceError` naming the step and every non-finite term. One host sync (the step has one
+        already, for its log); the values are averaged over processes first, so all processes stop together."""
+        host = self._mean_across_processes({k: float(v) for k, v in values.items()})
+        bad = {k: v for k, v in host.items() if not math.isfinite(v)}
+        if bad:
+            self._diverged(self.step + 1, bad)
+
+    def _diverged(self, step: int, bad: dict[str, float], applied: bool = False) -> None:
+        where = (f"the last good checkpoint (step {self.saved_step}) is in {self.output_dir / 'checkpoint'}"
+                 if self.saved_step is not None else "no checkpoint had been written yet")
+        terms = ", ".join(f"{k} = {v}" for k, v in bad.items())
+        done = "It was applied in memory (a CUDA graph runs whole) but not saved" if applied else \
+            "Nothing of that step was applied or saved"
+        raise DivergenceError(
+            f"Training diverged at step {step}: {terms}. {done}; {where}. The run is deterministic, so resuming it "
+            "with the same settings diverges again: start over (--no-resume or another output_dir) with a lower "
+            "learning_rate, or smaller loss weights.", step, bad)
 
     def _logged(self, losses: dict, grad_norm: torch.Tensor) -> dict:
         values = self._mean_across_processes({k: v.item() for k, v in losses.items()})  # the step's one host sync
@@ -550,9 +631,14 @@ class Finetuner:
         for name, value in inputs.items():
             self._static_inputs[name].copy_(value, non_blocking=True)
         self._graph.replay()
-        self.step += 1
         losses = dict(self._static_losses)
-        return self._logged({k: v for k, v in losses.items() if k != "grad_norm"}, losses["grad_norm"])
+        entry = self._logged({k: v for k, v in losses.items() if k != "grad_norm"}, losses["grad_norm"])
+        bad = {k: v for k, v in entry.items() if isinstance(v, float) and not math.isfinite(v)}
+        if bad:  # the graph has applied the update already: the weights in memory are lost, the checkpoint is not
+            self._diverged(self.step + 1, bad, applied=True)
+        self.step += 1
+        entry["step"] = self.step
+        return entry
 
     def _average_gradients_across_processes(self) -> None:
         if self.state.num_processes == 1:
@@ -589,10 +675,19 @@ class Finetuner:
         self.state.wait_for_everyone()
         result = FinetuneResult(self.delta(), self.history, self.output_dir)
         if self.output_dir and self.state.is_main_process:
-            deltas.save_delta(result.delta, self.output_dir / "delta.safetensors")
+            self._save_delta(result.delta)
             self._write_history()
         self.finish()
         return result
+
+    def _save_delta(self, delta: "deltas.Delta") -> None:
+        """delta.safetensors, unless it already holds this very delta (a finished run asked again): rewriting it
+        would change only its timestamp, hence its sha256, which every generation run made with it records."""
+        path = self.output_dir / "delta.safetensors"
+        if path.is_file() and deltas.same_delta(delta, path):
+            logger.info("%s already holds this run's delta; left as it is.", path)
+            return
+        deltas.save_delta(delta, path)
 
     def _loop(self, bar) -> None:
         c = self.config
@@ -620,10 +715,18 @@ class Finetuner:
             self.unet.disable_gradient_checkpointing()
         self.unet.eval()
 
+    def restore_base(self) -> None:
+        """Put the original (pre-training) values back into the trained tensors of the pipeline, bitwise. After
+        `train()` the pipeline holds the trained keys; after this it is the base model again, so that
+        `with apply_delta(pipe, result.delta):` applies the delta and undoes it to the base model."""
+        with torch.no_grad():
+            for p, original in zip(self.parameters, self.originals):
+                p.copy_(original.to(p.dtype))
+
     def delta(self) -> "deltas.Delta":
         """The trained tensors (float32, as trained) and what they were trained on."""
         c = self.config
-        metadata = {"base_model": c.model, "trainable": c.trainable, "layers": c.layers,
+        metadata = {"base_model": portable_model_name(c.model), "trainable": c.trainable, "layers": c.layers,
                     "concepts": self.sampler.words, "pairs": c.pairs, "steps": self.step,
                     "map_resolution": self.map_resolution,
                     "config": c.to_json()}
@@ -631,16 +734,21 @@ class Finetuner:
 
     # -- validation ------------------------------------------------------------------------------------------
     def validation_prompts(self) -> list[str]:
+        return [sample.prompt for sample in self.validation_samples()]
+
+    def validation_samples(self) -> list[PairPrompt]:
+        """The validation prompts with their object words: the sampler's own prompts (which know where they put
+        each word), or the given prompts with the training concepts they name (see `_words_of`)."""
         if self.config.validation_prompts:
-            return list(self.config.validation_prompts)
-        return [self.sampler.sample(self.config.seed, 0, i).prompt for i in range(4)] if self.sampler.pairs is None \
-            else [p.prompt for p in self.sampler.all_prompts()[:4]]
+            return [self._validation_sample(p) for p in self.config.validation_prompts]
+        return [self.sampler.sample(self.config.seed, 0, i) for i in range(4)] if self.sampler.pairs is None \
+            else self.sampler.all_prompts()[:4]
 
     @torch.no_grad()
     def validate(self) -> dict:
         """Images for fixed seeds, and the mean losses on held-out latents (validation stream)."""
-        prompts = self.validation_prompts()
-        samples = [PairPrompt(p, tuple(self._words_of(p))) for p in prompts]
+        samples = self.validation_samples()
+        prompts = [s.prompt for s in samples]
         held_out = heldout_losses(self, samples, seeds=range(4))
         entry = {"step": self.step, "validation": held_out}
         if self.output_dir:
@@ -676,36 +784,101 @@ class Finetuner:
         return images
 
     def _words_of(self, prompt: str) -> list[str]:
-        words = [w for w in self.sampler.words if f" {w}" in f" {prompt}"]
-        if len(words) < 2:
-            raise ValueError(f"The validation prompt {prompt!r} does not name two training concepts {self.sampler.words}.")
-        return sorted(words, key=lambda w: prompt.find(w))[:2]
+        """The two training concepts a validation prompt names, in prompt order."""
+        return list(self._validation_sample(prompt).words)
+
+    def _validation_sample(self, prompt: str) -> PairPrompt:
+        """The prompt and the two training concepts it names, matched on whole words as the tokens are ('pen' is
+        not in 'penguin'); a concept inside a longer one ('bear' in 'teddy bear') is that longer one."""
+        mentions = []  # (start, end, concept)
+        for concept in self.sampler.words:
+            mentions += [(a, b, concept) for a, b in word_spans(prompt, concept)]
+        mentions = [m for m in mentions if not any(o[0] <= m[0] and m[1] <= o[1] and o != m for o in mentions)]
+        concepts = [c for _, _, c in sorted(mentions)]
+        if len(concepts) != 2 or concepts[0] == concepts[1]:
+            raise ValueError(f"The validation prompt {prompt!r} must name two different training concepts once each "
+                             f"(it names {concepts or 'none'}); the concepts are {self.sampler.words[:8]}"
+                             f"{' ...' if len(self.sampler.words) > 8 else ''}.")
+        starts = {c: a for a, _, c in sorted(mentions)}
+        return PairPrompt(prompt, tuple(concepts), tuple(occurrence_at(prompt, c, starts[c]) for c in concepts))
 
     # -- checkpoints -----------------------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
         if not self.state.is_main_process:
             return
+        not_finite = [n for n, p in zip(self.trainable_names, self.parameters) if not torch.isfinite(p).all()]
+        if not_finite:  # the step guard stops before this; never overwrite the last good checkpoint with NaN
+            self._diverged(self.step, {f"weights of {not_finite[0]}": float("nan")})
         tensors = {f"trainable.{name}": p for name, p in zip(self.trainable_names, self.parameters)}
         opt_tensors, opt_meta = optimizer_to_tensors(self.optimizer)
         state = {"step": self.step, "seconds": self.seconds, "config": self.config.to_json(),
                  "optimizer": opt_meta, "scaler": self.scaler.state_dict(), "history": self.history,
                  "trainable_names": self.trainable_names}
         save_checkpoint(self.output_dir / "checkpoint", tensors | opt_tensors, state)
+        self.saved_step = self.step
         self._write_history()
 
     def _load_checkpoint(self) -> None:
-        tensors, state = load_checkpoint(self.output_dir / "checkpoint")
+        folder = self.output_dir / "checkpoint"
+        tensors, state = load_checkpoint(folder)
+        self._check_checkpoint(folder, tensors, state)
         saved, current = state["config"], self.config.to_json()
         changed = {k: (saved.get(k), current[k]) for k in FIXED_ON_RESUME if saved.get(k) != current[k]}
         if changed:
             raise ValueError(f"The checkpoint in {self.output_dir} was made with other settings {changed} (saved, "
                              "asked). Resume with the same settings, or use another output_dir.")
+        if state["step"] > self.config.steps:
+            raise ValueError(f"The checkpoint in {folder} is at step {state['step']}, past steps={self.config.steps}: "
+                             "a run cannot go back. Ask for steps >= that, or start over (--no-resume, resume=False) "
+                             "or in another output_dir.")
+        try:
+            optimizer_from_tensors(self.optimizer, tensors, state["optimizer"])
+            self.scaler.load_state_dict(state["scaler"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as error:
+            raise CheckpointError(f"The checkpoint at {folder} holds an optimizer state this run cannot load "
+                                  f"({error}). Delete it to start over (--no-resume does the same).") from error
         with torch.no_grad():
             for name, p in zip(self.trainable_names, self.parameters):
                 p.copy_(tensors[f"trainable.{name}"])
-        optimizer_from_tensors(self.optimizer, tensors, state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
         self.step, self.seconds, self.history = state["step"], state["seconds"], state["history"]
+        self.saved_step = self.step
+
+    def _check_checkpoint(self, folder: Path, tensors: dict, state: dict) -> None:
+        """Everything a resume relies on, checked before anything is loaded: a checkpoint of another version, an
+        edited one or one saved from a broken run is refused with what is wrong, never resumed from."""
+        problems = []
+        step, seconds = state.get("step"), state.get("seconds")
+        if not (type(step) is int and step >= 1):
+            problems.append(f"its step is {step!r}, not a positive integer")
+        if not (type(seconds) in (int, float) and math.isfinite(seconds) and seconds >= 0):
+            problems.append(f"its seconds are {seconds!r}")
+        for key, kind in (("config", dict), ("optimizer", dict), ("scaler", dict), ("history", list)):
+            if not isinstance(state.get(key), kind):
+                problems.append(f"its {key!r} is missing or not a {kind.__name__}")
+        if state.get("trainable_names") != self.trainable_names:
+            problems.append("it holds other trainable tensors than this run's")
+        expected = {f"trainable.{name}": p.shape for name, p in zip(self.trainable_names, self.parameters)}
+        # AdamW keeps state for the tensors that had a gradient (early exit leaves the deeper layers without): all
+        # of a tensor's state or none, and some tensor's
+        with_state = [i for i in range(len(self.parameters)) if any(f"optimizer.{i}.{k}" in tensors
+                                                                    for k in ("step", "exp_avg", "exp_avg_sq"))]
+        if not with_state:
+            problems.append("it holds no optimizer state")
+        for i in with_state:
+            p = self.parameters[i]
+            expected |= {f"optimizer.{i}.exp_avg": p.shape, f"optimizer.{i}.exp_avg_sq": p.shape,
+                         f"optimizer.{i}.step": torch.Size([])}
+        for name, shape in expected.items():
+            value = tensors.get(name)
+            if value is None or value.shape != shape or not value.is_floating_point():
+                problems.append(f"{name} is missing, or not a float tensor of shape {tuple(shape)}")
+            elif not torch.isfinite(value).all():
+                problems.append(f"{name} holds NaN or infinite values")
+            if len(problems) >= 3:
+                break
+        if problems:
+            raise CheckpointError(f"The checkpoint at {folder} cannot be resumed from: {'; '.join(problems)}. Delete "
+                                  "it to start over (--no-resume does the same), or restore it from a copy.")
 
     def _write_history(self) -> None:
         """history.json (everything), history.csv (the training steps) and loss.png, each written atomically."""

@@ -24,6 +24,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from .checkpoint import check_writable
 from .sampling import prompt_slug, read_metadata
 
 METRIC_GROUPS = ("toy", "clip", "blip", "detection")
@@ -49,6 +50,18 @@ def load_run(output_dir: str | os.PathLike) -> list[dict]:
                                 "command again: it regenerates exactly the missing ones.")
     prompts = list(dict.fromkeys(r["prompt"] for r in records))
     return sorted(records, key=lambda r: (prompts.index(r["prompt"]), r["seed"]))
+
+
+def check_evaluation_settings(n_boot: int = 1000, threshold: float | None = None, toy_threshold: float = 0.5,
+                              batch_size: int = 16) -> None:
+    """Raise ValueError naming a setting that cannot give a meaningful score (NaN thresholds, no resamples)."""
+    if type(n_boot) is not int or n_boot < 1:
+        raise ValueError(f"n_boot must be a positive integer (bootstrap resamples), got {n_boot!r}.")
+    if type(batch_size) is not int or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+    for name, value in (("threshold", threshold), ("toy_threshold", toy_threshold)):
+        if value is not None and not (isinstance(value, (int, float)) and 0 <= value <= 1):
+            raise ValueError(f"{name} must be a number in [0, 1] (a confidence), got {value!r}.")
 
 
 def parse_metrics(metrics: str | Sequence[str]) -> list[str]:
@@ -300,6 +313,10 @@ def evaluate_run(output_dir: str | os.PathLike, metrics: str | Sequence[str] = (
     """Score a run and write scores.csv, summary.csv, summary.json and figures/ (bar charts, a grid) into it.
     Returns the summary. score_options: see `score_run`."""
     folder = Path(output_dir)
+    check_evaluation_settings(n_boot=n_boot, **{k: score_options[k] for k in ("threshold", "toy_threshold",
+                                                                              "batch_size") if k in score_options})
+    load_run(folder)  # a folder that is not a finished run is refused before any model is loaded
+    check_writable(folder, "the run folder")  # the scores go there: found out now, not after scoring
     scores = score_run(folder, metrics, **score_options)
     scores.to_csv(folder / "scores.csv", index=False)
     summary = summarise_scores(scores, n_boot=n_boot)
@@ -322,6 +339,7 @@ def compare_runs(output_dirs: Sequence[str | os.PathLike], compare_dir: str | os
     folders = [Path(d) for d in output_dirs]
     if len(folders) < 2:
         raise ValueError("compare_runs needs at least two run folders.")
+    check_evaluation_settings(n_boot=n_boot)
     tables, runs = [], {}
     for folder in folders:
         if not (folder / "scores.csv").is_file():

@@ -126,6 +126,14 @@ def word_token_positions(tokenizer, prompt: str, words: Sequence[WordSpec]) -> l
     return chosen  # type: ignore[return-value]
 
 
+def word_spans(prompt: str, text: str) -> list[tuple[int, int]]:
+    """The character spans of every whole-word occurrence of `text` in `prompt` (none: [])."""
+    try:
+        return _char_spans(prompt, text)
+    except WordNotInPromptError:
+        return []
+
+
 def occurrence_at(prompt: str, text: str, start: int) -> int:
     """Which occurrence (0-based) of the words of `text` in `prompt` begins at character `start`: how a word
     placed into a template (the pair prompts) is told apart from the same word elsewhere in the prompt."""

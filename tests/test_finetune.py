@@ -206,3 +206,127 @@ def test_trajectory_latents_follow_the_models_own_sampling_path():
     finetuner.train(progress=False)  # the whole step runs on them
     with pytest.raises(ValueError, match="latent_source"):
         config(latent_source="data").validate()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reliability (issue 14): divergence, words, settings, reruns
+# ----------------------------------------------------------------------------------------------------------
+def quick(tmp_path, **overrides):
+    """A run with an output folder whose validation costs little (one seed, one sampler step)."""
+    return config(output_dir=str(tmp_path), validation_seeds=(0,), validation_inference_steps=1, **overrides)
+
+
+def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    from sae_utils.checkpoint import load_checkpoint
+    from sae_utils.finetune import DivergenceError
+
+    # lr 1e20: step 1 is finite but throws the keys far out; step 2's gradient is NaN (it ran on, saving NaN)
+    finetuner = Finetuner(quick(tmp_path, steps=4, learning_rate=1e20, checkpoint_every=1), pipeline=tiny_pipeline())
+    with pytest.raises(DivergenceError, match=r"diverged at step 2: grad_norm = nan.*last good checkpoint \(step 1\)"):
+        finetuner.train(progress=False)
+    tensors, state = load_checkpoint(tmp_path / "checkpoint")
+    assert state["step"] == 1 and all(torch.isfinite(t).all() for t in tensors.values())
+    assert not (tmp_path / "delta.safetensors").exists()  # no NaN delta
+    assert finetuner.step == 1 and all(torch.isfinite(p).all() for p in finetuner.parameters)  # not applied
+
+
+def test_an_overflowing_loss_is_named_before_any_update():
+    from sae_utils.finetune import DivergenceError
+
+    finetuner = Finetuner(config(lambda_sep=3e38, lambda_en=3e38), pipeline=tiny_pipeline())
+    before = [p.detach().clone() for p in finetuner.parameters]
+    with pytest.raises(DivergenceError, match=r"step 1: loss = inf.*no checkpoint had been written") as error:
+        finetuner.train(progress=False)
+    assert error.value.step == 1 and "loss" in error.value.terms and "separate" not in error.value.terms
+    assert all(torch.equal(p, b) for p, b in zip(finetuner.parameters, before))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(lambda_sep=float("nan")), "lambda_sep must be >= 0 and finite"),
+    (dict(lambda_en=float("inf")), "lambda_en must be >= 0 and finite"),
+    (dict(learning_rate=float("inf")), "learning_rate must be > 0 and finite"),
+    (dict(learning_rate=float("nan")), "learning_rate must be > 0 and finite"),
+    (dict(max_grad_norm=-1.0), r"max_grad_norm must be > 0 \(inf: no clipping\)"),  # trained uphill
+    (dict(max_grad_norm=0.0), "max_grad_norm must be > 0"),  # trained nothing
+    (dict(max_grad_norm=float("nan")), "max_grad_norm must be > 0"),
+    (dict(norm_loss_weight=float("nan")), "norm_loss_weight must be >= 0 and finite"),
+    (dict(checkpoint_every=0), "checkpoint_every must be > 0"),  # ZeroDivisionError
+    (dict(timestep_range=(5,)), r"timestep_range=\(5,\): expected a list of 2"),  # IndexError
+    (dict(adam_betas=(0.9,)), r"adam_betas=\(0.9,\): expected a list of 2"),  # TypeError
+    (dict(adam_betas=(0.9, 1.0)), r"each must be in \[0, 1\)"),
+    (dict(seed=-1), "seed, validate_every and validation_seeds must be >= 0"),
+    (dict(steps="200"), "steps='200': expected an integer"),  # a config file's string
+    (dict(learning_rate="2e-6"), "learning_rate='2e-6': expected a number"),
+    (dict(shuffle_order="yes"), "shuffle_order='yes': expected true or false"),
+    (dict(latent_scale=float("nan")), "latent_scale must be a finite number > 0"),
+    (dict(kernel_reading="gauss"), "kernel_reading='gauss'"),
+    (dict(validation_inference_steps=0), "validation_inference_steps must be a positive integer"),
+])
+def test_settings_that_cannot_train_are_refused_before_any_work(overrides, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        config(**overrides).validate()
+
+
+def test_a_learning_rate_beyond_float32_is_refused():
+    with pytest.raises(ValueError, match="beyond float32"):
+        Finetuner(config(learning_rate=1e38), pipeline=tiny_pipeline())
+
+
+def test_each_word_trains_on_its_own_tokens():
+    # the second word took its first occurrence: the template's "photo", or the "bear" of "teddy bear"
+    for pair, expected in [(("photo", "dog"), [[5], [8]]), (("teddy bear", "bear"), [[5, 6], [9]]),
+                           (("bear", "teddy bear"), [[5], [8, 9]])]:
+        finetuner = Finetuner(config(pairs=[pair]), pipeline=tiny_pipeline())
+        masks = finetuner.word_masks(finetuner.sampler.all_prompts())[0]
+        assert [torch.nonzero(m).flatten().tolist() for m in masks] == expected, pair
+    with pytest.raises(ValueError, match="same word"):
+        Finetuner(config(pairs=[("cat", "Cat")]), pipeline=tiny_pipeline())
+
+
+def test_validation_matches_whole_words():
+    # 'pen' matched inside 'penguin' and the run died with a misleading WordNotInPromptError
+    from sae_utils.prompts import multi_concept_split
+
+    seen = multi_concept_split()["seen"]
+    assert "pen" in seen and "penguin" in seen
+    finetuner = Finetuner(config(pairs=None, concepts=seen, seed=27, steps=1), pipeline=tiny_pipeline())
+    assert finetuner.validate()["validation"]["loss"] > 0
+    custom = Finetuner(config(pairs=None, concepts=["pen", "penguin", "teddy bear", "bear"],
+                              validation_prompts=["a photo of a penguin and a pen", "a teddy bear with a bear"]),
+                       pipeline=tiny_pipeline())
+    samples = custom.validation_samples()
+    assert [s.words for s in samples] == [("penguin", "pen"), ("teddy bear", "bear")]
+    assert [s.word_specs[1] for s in samples] == [("pen", 0), ("bear", 1)]
+    with pytest.raises(ValueError, match="must name two different training concepts once each"):
+        Finetuner(config(validation_prompts=["a photo of a cat"]), pipeline=tiny_pipeline())
+
+
+def test_the_readme_example_undoes_to_the_base_model():
+    pipe = tiny_pipeline()
+    base = {n: pipe.unet.get_parameter(n).detach().clone() for n in Finetuner(config(), pipeline=tiny_pipeline())
+            .trainable_names}
+    finetuner = Finetuner(config(steps=1), pipeline=pipe)
+    result = finetuner.train(progress=False)  # the trained keys stay in pipe
+    assert not all(torch.equal(pipe.unet.get_parameter(n), v) for n, v in base.items())
+    finetuner.restore_base()
+    assert all(torch.equal(pipe.unet.get_parameter(n), v) for n, v in base.items())
+    with apply_delta(pipe, result.delta):
+        assert all(torch.equal(pipe.unet.get_parameter(n), result.delta.tensors[n]) for n in base)
+    assert all(torch.equal(pipe.unet.get_parameter(n), v) for n, v in base.items())  # undone to the base
+
+
+def test_a_finished_run_asked_again_leaves_its_delta_untouched(tmp_path):
+    Finetuner(quick(tmp_path, steps=2), pipeline=tiny_pipeline()).train(progress=False)
+    delta = tmp_path / "delta.safetensors"
+    inode, content = delta.stat().st_ino, delta.read_bytes()
+    Finetuner(quick(tmp_path, steps=2), pipeline=tiny_pipeline()).train(progress=False)
+    assert delta.stat().st_ino == inode and delta.read_bytes() == content  # the same file: its sha is unchanged
+    with pytest.raises(ValueError, match="at step 2, past steps=1"):  # it returned the longer run silently
+        Finetuner(quick(tmp_path, steps=1), pipeline=tiny_pipeline())
+
+
+def test_the_delta_names_a_folder_model_by_its_name(tmp_path):
+    folder = tmp_path / "my-sd-copy"
+    folder.mkdir()
+    finetuner = Finetuner(config(model=str(folder), steps=1), pipeline=tiny_pipeline())
+    assert finetuner.delta().metadata["base_model"] == "my-sd-copy"
