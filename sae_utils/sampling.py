@@ -6,8 +6,9 @@ its own defaults in its folder (toy_model.json); `tiny` has no meaningful images
     config = GenerationConfig(model="toy", prompt_set="toy/held-out", num_seeds=16, output_dir="runs/toy-sd")
     generate(config)     # runs/toy-sd/images/{prompt_slug}/{seed:04d}.png and metadata.jsonl; resumable
 
-One output folder holds one run: one model, delta, method and sampler setting (recorded in run.json; a second
-`generate` into it with other settings is refused). Every image is a pure function of (prompt, seed): its
+One output folder holds one run: one model, delta, method and sampler setting (recorded in run.json with the
+first image, so a command that fails before any image leaves the folder free; a second `generate` into it with
+other settings is refused). Every image is a pure function of (prompt, seed): its
 initial noise comes from its own `torch.Generator().manual_seed(seed)`, whatever batch it is drawn in. Under
 `accelerate launch` (GPUs) or `torchrun` (CPUs: accelerate's --cpu launcher starts one process) each process
 takes every N-th (prompt, seed) and writes its own `metadata-{rank}.jsonl`; `read_metadata` merges the shards.
@@ -18,6 +19,8 @@ import contextlib
 import hashlib
 import itertools
 import json
+import logging
+import math
 import os
 import re
 import time
@@ -30,12 +33,15 @@ from typing import Sequence
 
 import torch
 
+from .checkpoint import check_writable, fault_point, remove_orphans
 from .models import DEFAULT_MODEL, model_info
 
 SD_SAMPLING = {"num_inference_steps": 50, "guidance_scale": 6.0}  # the SepEn evaluation settings [ref]
 METHODS = ("sd", "attend-and-excite", "sepen-test-time")
 TEST_TIME_METHODS = METHODS[1:]
 RUN_FILE = "run.json"
+RECORD_START = '{"prompt": '  # every record is written with "prompt" first (see generate)
+logger = logging.getLogger(__name__)
 
 
 def sampler_defaults(pipe) -> dict:
@@ -102,6 +108,9 @@ class GenerationConfig:
     progress: bool = True
 
     def validate(self) -> None:
+        from .cli import check_field_types
+
+        check_field_types(self)
         check_method(self.method)
         if self.prompts is None and self.prompt_set is None:
             raise ValueError("Give prompts (e.g. ['a cat and a dog']) or a prompt_set (e.g. 'attend-and-excite').")
@@ -111,6 +120,19 @@ class GenerationConfig:
         if self.seeds is not None and (not self.seeds or len(set(self.seeds)) != len(self.seeds)
                                        or min(self.seeds) < 0):
             raise ValueError(f"seeds must be distinct non-negative integers, got {self.seeds}.")
+        for name in ("num_inference_steps", "height", "width", "map_resolution"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer (or None), got {getattr(self, name)}.")
+        if self.max_iter_to_alter is not None and self.max_iter_to_alter < 0:
+            raise ValueError(f"max_iter_to_alter must be >= 0 (or None), got {self.max_iter_to_alter}.")
+        for name in ("guidance_scale", "scale_factor", "lambda_sep", "lambda_en"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value}.")
+        if self.step_size_schedule not in ("sqrt", "linear"):
+            raise ValueError(f"step_size_schedule={self.step_size_schedule!r}: use 'sqrt' or 'linear'.")
+        if self.prompts is not None and any(not p.strip() for p in self.prompts):
+            raise ValueError("An empty prompt was given; every prompt names the objects to draw.")
 
     def seed_list(self) -> list[int]:
         return list(self.seeds) if self.seeds is not None else list(range(self.num_seeds))
@@ -170,11 +192,22 @@ def resolve_prompts(config: GenerationConfig) -> list[str]:
 def object_words(prompt: str) -> list[str]:
     """The object words of a prompt: the benchmark's nouns for Attend-and-Excite prompts, else the last word on
     each side of "and"/"with" (one word for a single-object prompt such as "a photo of a cat")."""
-    from .prompts import attend_and_excite_words, prompt_objects
+    return [word for word, _ in object_word_specs(prompt)]
 
-    if prompt in _benchmark_prompts():
-        return list(attend_and_excite_words(prompt))
-    return prompt_objects(prompt)
+
+def object_word_specs(prompt: str) -> list[tuple[str, int]]:
+    """`object_words` with each word's occurrence in the prompt, as maps and the test-time methods read them: in
+    "a photo of a teddy bear and a bear" the two objects are ('bear', 0) and ('bear', 1), not one token twice."""
+    from .prompts import attend_and_excite_words, prompt_object_specs
+    from .tokens import occurrence_at
+
+    if prompt not in _benchmark_prompts():
+        return prompt_object_specs(prompt)
+    specs, words = [], list(attend_and_excite_words(prompt))
+    for match in re.finditer(r"[^\s,]+", prompt):  # the benchmark's own split: on spaces and commas
+        if words and match.group() == words[0]:
+            specs.append((words.pop(0), occurrence_at(prompt, match.group(), match.start())))
+    return specs
 
 
 def prompt_category(prompt: str, words: Sequence[str]) -> str:
@@ -235,43 +268,105 @@ def metadata_files(output_dir: str | os.PathLike) -> list[Path]:
 def read_metadata(output_dir: str | os.PathLike) -> list[dict]:
     """Every image record of a run, merged over the shards; a later record of the same (prompt, seed, method)
     replaces an earlier one (an image regenerated after its file was lost). A truncated last line (a process
-    killed while writing) is skipped with a warning; a broken line elsewhere is an error."""
+    killed while writing) is skipped with a warning, and so is the cut-off start of a line that an older version
+    appended a record to (the record itself is kept); any other broken line is an error."""
     records: dict[tuple, dict] = {}
     for path in metadata_files(output_dir):
-        lines = path.read_text().splitlines()
+        lines = path.read_text(errors="replace").splitlines()
         for number, line in enumerate(lines, 1):
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
+                record = _parse_record(line)
+            except (json.JSONDecodeError, ValueError) as error:
                 if number == len(lines):
                     warnings.warn(f"{path}: the last line is cut off (an interrupted write); its image will be "
                                   "generated again on resume.")
                     continue
-                raise ValueError(f"{path}, line {number}, is not JSON ({error}): the file was edited or corrupted. "
-                                 "Delete that line; its image is then generated again on resume.") from error
+                raise ValueError(f"{path}, line {number}, is not an image record ({error}): the file was edited or "
+                                 "corrupted. Delete that line; its image is then generated again on resume.") from error
             records[(record["prompt"], record["seed"], record["method"])] = record
     return list(records.values())
 
 
+def _parse_record(line: str) -> dict:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        # a cut-off line with a whole record appended to it (what a kill mid-line left before append_records
+        # repaired cut lines): the record is the line's last well-formed tail
+        for start in _record_starts(line):
+            try:
+                record = json.loads(line[start:])
+            except json.JSONDecodeError:
+                continue
+            warnings.warn(f"A record was appended to a cut-off line ({line[:40]!r}...): the cut record is dropped "
+                          "(its image is generated again on resume), the appended one kept.")
+            break
+        else:
+            raise
+    if not (isinstance(record, dict) and isinstance(record.get("prompt"), str) and type(record.get("seed")) is int
+            and isinstance(record.get("method"), str) and isinstance(record.get("image"), str)):
+        raise ValueError("a record needs a prompt, a seed, a method and an image")
+    return record
+
+
+def _record_starts(line: str) -> list[int]:
+    starts, at = [], line.find(RECORD_START, 1)
+    while at != -1:
+        starts.append(at)
+        at = line.find(RECORD_START, at + 1)
+    return starts
+
+
 def append_records(path: str | os.PathLike, records: Sequence[dict]) -> None:
-    """Append JSON lines and flush them to disk (a crash loses at most the line being written)."""
+    """Append JSON lines and flush them to disk (a crash loses at most the line being written). A last line cut
+    off by an earlier crash or a full disk is removed first (its image is generated again), so a new record never
+    lands on the end of a broken one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
+    with open(path, "ab+") as f:
+        _drop_cut_last_line(f)
         for record in records:
-            f.write(json.dumps(record) + "\n")
+            if next(iter(record), None) != "prompt":
+                raise ValueError("An image record must start with its prompt (read_metadata finds records by it).")
+            f.write((json.dumps(record) + "\n").encode())
+            fault_point("metadata:record-written")
         f.flush()
         os.fsync(f.fileno())
 
 
+def _drop_cut_last_line(f) -> None:
+    """Truncate an open (binary, append) file after its last newline, if it does not end with one."""
+    end = f.seek(0, os.SEEK_END)
+    if end == 0:
+        return
+    f.seek(end - 1)
+    if f.read(1) == b"\n":
+        return
+    position = end
+    while position > 0:  # back to the last newline, a block at a time (the file may be large)
+        start = max(0, position - 65536)
+        f.seek(start)
+        block = f.read(position - start)
+        newline = block.rfind(b"\n")
+        if newline != -1:
+            position = start + newline + 1
+            break
+        position = start
+    logger.warning("%s ended in a cut-off line (%d bytes, an interrupted write): removed; its image is generated "
+                   "again.", f.name, end - position)
+    f.truncate(position)
+
+
 def _write_atomically(path: Path, write) -> None:
-    """`write(tmp_path)` then rename: a killed process never leaves half a file under the final name."""
+    """`write(tmp_path)` then rename: a killed process never leaves half a file under the final name (only a
+    temporary, which the next `generate` removes)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}{path.suffix}")
     try:
         write(tmp)
+        fault_point("generate:file-written")
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -370,18 +465,22 @@ def generate(config: GenerationConfig, pipe=None) -> GenerationSummary:
     rank, world = state.process_index, state.num_processes
     prompts, seeds = resolve_prompts(config), config.seed_list()
     words = {prompt: object_words(prompt) for prompt in prompts}
+    specs = {prompt: object_word_specs(prompt) for prompt in prompts}
+    output_dir = check_writable(config.output_dir)  # before the model loads: a folder that cannot take images
+    delta = load_delta(config.delta) if config.delta else None
     if pipe is None:
         device = state.device if config.device in ("auto", "cuda") else torch.device(config.device)
         pipe = load_pipeline(config.model, device=device, dtype=config.dtype)
-    delta = load_delta(config.delta) if config.delta else None
+    check_prompts(pipe, prompts, specs)
     settings, method_settings, run = run_settings(config, pipe, delta)
-    output_dir = Path(config.output_dir)
-    _check_or_write_run(output_dir, run, write=state.is_main_process)
+    records_so_far = read_metadata(output_dir)
+    _check_run(output_dir, run, records_so_far)
 
-    done = {(r["prompt"], r["seed"]) for r in read_metadata(output_dir)
+    done = {(r["prompt"], r["seed"]) for r in records_so_far
             if r["method"] == config.method and (output_dir / r["image"]).is_file()}
     mine = list(itertools.product(prompts, seeds))[rank::world]
     todo = [item for item in mine if item not in done]
+    _remove_orphans(output_dir, todo)
     shard = output_dir / ("metadata.jsonl" if world == 1 else f"metadata-{rank}.jsonl")
     from tqdm.auto import tqdm
 
@@ -394,7 +493,7 @@ def generate(config: GenerationConfig, pipe=None) -> GenerationSummary:
             for i in range(0, len(group_seeds), config.batch_size):
                 batch_seeds = group_seeds[i:i + config.batch_size]
                 batch_start = time.perf_counter()
-                out = sample_batch(pipe, config.method, prompt, words[prompt], batch_seeds, settings,
+                out = sample_batch(pipe, config.method, prompt, specs[prompt], batch_seeds, settings,
                                    method_settings, config.capture_attention, config.map_resolution)
                 seconds = (time.perf_counter() - batch_start) / len(batch_seeds)
                 records = []
@@ -410,6 +509,7 @@ def generate(config: GenerationConfig, pipe=None) -> GenerationSummary:
                     _write_atomically(output_dir / record["image"],
                                       lambda tmp, image=out["images"][b]: image.save(tmp, format="PNG"))
                     records.append(record)
+                _write_run(output_dir, run)  # with the first image: a command that failed before left nothing
                 append_records(shard, records)
                 bar.update(len(batch_seeds))
     bar.close()
@@ -425,6 +525,11 @@ def run_settings(config: GenerationConfig, pipe, delta=None) -> tuple[dict, dict
                    if getattr(config, k) is not None}}
     default_side = pipe.unet.config.sample_size * pipe.vae_scale_factor
     settings.update(height=config.height or default_side, width=config.width or default_side)
+    multiple = math.lcm(8, pipe.vae_scale_factor)  # diffusers' own rule, and whole latent pixels
+    for side in ("height", "width"):
+        if settings[side] % multiple:
+            raise ValueError(f"{side}={settings[side]} is not a multiple of {multiple}; use e.g. "
+                             f"{max(multiple, settings[side] // multiple * multiple)}.")
     method_settings = test_time_settings(config, settings["num_inference_steps"])
     delta_info = None if delta is None else {
         "path": str(Path(config.delta).resolve()), "sha256": file_digest(config.delta),
@@ -447,16 +552,52 @@ def run_label(config: GenerationConfig) -> str:
     return f"{config.method}+{path.parent.name if path.stem == 'delta' and path.parent.name else path.stem}"
 
 
-def _check_or_write_run(output_dir: Path, run: dict, write: bool) -> None:
+def check_prompts(pipe, prompts: Sequence[str], specs: dict[str, list]) -> None:
+    """Every prompt fits the text encoder (the pipeline would cut a longer one silently, and its records would
+    name words the model never read) and its object words have tokens of their own; checked before any image."""
+    from .tokens import check_prompt_length, word_token_positions
+
+    for prompt in prompts:
+        check_prompt_length(pipe.tokenizer, prompt)
+        word_token_positions(pipe.tokenizer, prompt, specs[prompt])
+
+
+def _check_run(output_dir: Path, run: dict, records: list[dict]) -> None:
+    """A folder holds one run: the settings must be those of its run.json, or (a folder whose run.json was lost)
+    those its image records carry."""
     path = output_dir / RUN_FILE
     if path.is_file():
-        saved = json.loads(path.read_text())
-        differ = {key: (saved.get(key), run[key]) for key in run if saved.get(key) != _jsonable(run[key])}
-        if differ:
-            raise ValueError(f"{output_dir} holds a run with other settings {differ} (saved, asked). One folder "
-                             "holds one run: use another output_dir, and compare runs with sae-evaluate A B.")
-    elif write:
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise ValueError(f"{path} is not readable JSON ({error}): the folder was edited or corrupted. Delete "
+                             "run.json if the images are this run's (it is written again), or use another "
+                             "output_dir.") from error
+    elif records:
+        saved = records[-1]
+    else:
+        return
+    differ = {key: (saved.get(key), run[key]) for key in run if saved.get(key) != _jsonable(run[key])}
+    if differ:
+        raise ValueError(f"{output_dir} holds a run with other settings {differ} (saved, asked). One folder "
+                         "holds one run: use another output_dir, and compare runs with sae-evaluate A B.")
+
+
+def _write_run(output_dir: Path, run: dict) -> None:
+    path = output_dir / RUN_FILE
+    if not path.is_file():  # every process may write it: the same content, each write atomic
         _write_atomically(path, lambda tmp: tmp.write_text(json.dumps(_jsonable(run), indent=1)))
+
+
+def _remove_orphans(output_dir: Path, todo: Sequence[tuple[str, int]]) -> None:
+    """Temporaries of this process's images and maps that a killed write left (`.0003.png.tmp-*`); only of the
+    images still to draw, which no other process touches."""
+    names: dict[Path, list[str]] = {}
+    for prompt, seed in todo:
+        for relpath in (image_relpath(prompt, seed), maps_relpath(prompt, seed)):
+            names.setdefault((output_dir / relpath).parent, []).append(Path(relpath).name)
+    for folder, files in names.items():
+        remove_orphans(folder, files)
 
 
 def _save_maps(output_dir: Path, prompt: str, seed: int, maps: torch.Tensor, words: Sequence[str],

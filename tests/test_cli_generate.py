@@ -48,12 +48,21 @@ def test_evaluate_reports_numbers_on_tiny_noise(tmp_path, capsys):
     assert (tmp_path / "cmp" / "figures" / "grid_a_photo_of_a_star_and_a_heart.png").is_file()
 
 
-def test_usage_lists_the_commands(capsys):
+def test_usage_lists_the_commands(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([])
     assert "finetune,generate,evaluate" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="Unknown metrics"):
         main(["evaluate", "somewhere", "--metrics", "fid"])
-    # conftest switches the hub off: weights that are not here fail at once, saying how to get them
-    with pytest.raises(SystemExit, match="huggingface-cli download openai/clip-vit-base-patch16"):
+    with pytest.raises(SystemExit, match="somewhere holds no metadata.jsonl"):  # checked before models load
         main(["evaluate", "somewhere", "--metrics", "clip"])
+    # conftest switches the hub off: weights that are not here fail at once, saying how to get them
+    from PIL import Image
+
+    from sae_utils.sampling import append_records
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "0.png")
+    append_records(tmp_path / "metadata.jsonl", [{"prompt": "a cat and a dog", "words": ["cat", "dog"], "seed": 0,
+                                                  "method": "sd", "image": "0.png"}])
+    with pytest.raises(SystemExit, match="huggingface-cli download openai/clip-vit-base-patch16"):
+        main(["evaluate", str(tmp_path), "--metrics", "clip"])

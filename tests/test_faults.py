@@ -244,6 +244,135 @@ def test_a_checkpoint_that_cannot_be_resumed_from_is_refused(tmp_path, trained_f
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Generation folders: cut lines, killed image writes, failed first runs
+# ----------------------------------------------------------------------------------------------------------
+PROMPT = "a cat and a dog"
+
+
+def gen_config(folder, **overrides):
+    base = dict(model="tiny", prompts=[PROMPT], seeds=[0, 1, 2], num_inference_steps=1, height=32, width=32,
+                batch_size=1, output_dir=str(folder), progress=False, device="cpu")
+    return GenerationConfig(**{**base, **overrides})
+
+
+def assert_whole_lines(folder):
+    for line in (folder / "metadata.jsonl").read_text().splitlines():
+        json.loads(line)
+
+
+def test_a_line_cut_off_by_a_kill_is_repaired_before_the_next_append(tiny, tmp_path):
+    generate(gen_config(tmp_path, capture_attention=True), pipe=tiny)  # (attention: a metric without models)
+    path = tmp_path / "metadata.jsonl"
+    path.write_bytes(path.read_bytes()[:-40])  # killed mid-line: the last record (seed 2) is cut
+    with pytest.warns(UserWarning, match="cut off"):
+        assert sorted(r["seed"] for r in read_metadata(tmp_path)) == [0, 1]
+    again = generate(gen_config(tmp_path, capture_attention=True), pipe=tiny)
+    assert (again.generated, again.skipped) == (1, 2)  # the cut record's image is drawn again
+    assert_whole_lines(tmp_path)  # before the fix: the new record was glued to the cut one
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert sorted(r["seed"] for r in read_metadata(tmp_path)) == [0, 1, 2]
+    main(["evaluate", str(tmp_path), "--metrics", "none", "--n-boot", "10", "--no-figures"])  # it evaluates
+
+
+def test_a_write_limit_mid_line_is_repaired_too(tiny, tmp_path):
+    """`ulimit -f`: the write stops part-way through a line (a real short write, in a child process)."""
+    generate(gen_config(tmp_path, seeds=[0, 1]), pipe=tiny)
+    path = tmp_path / "metadata.jsonl"
+    record = read_metadata(tmp_path)[0]
+    pid = os.fork()
+    if pid == 0:
+        try:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write then fails with EFBIG instead of a signal
+            resource.setrlimit(resource.RLIMIT_FSIZE, (path.stat().st_size + 30, resource.RLIM_INFINITY))
+            append_records(path, [{**record, "seed": 2}])
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    assert not path.read_bytes().endswith(b"\n")  # cut mid-line
+    again = generate(gen_config(tmp_path), pipe=tiny)
+    assert again.generated == 1 and sorted(r["seed"] for r in read_metadata(tmp_path)) == [0, 1, 2]
+    assert_whole_lines(tmp_path)
+
+
+def test_a_folder_broken_by_an_older_version_is_read_again(tmp_path):
+    """Before the fix, a record was appended onto the cut line: 'line N is not JSON' for good."""
+    good = {"prompt": PROMPT, "words": ["cat", "dog"], "seed": 0, "method": "sd", "image": image_relpath(PROMPT, 0)}
+    glued = json.dumps({**good, "seed": 1})[:37] + json.dumps({**good, "seed": 2})
+    (tmp_path / "metadata.jsonl").write_text(json.dumps(good) + "\n" + glued + "\n" + json.dumps(good) + "\n")
+    with pytest.warns(UserWarning, match="appended to a cut-off line"):
+        assert sorted(r["seed"] for r in read_metadata(tmp_path)) == [0, 2]
+    (tmp_path / "metadata.jsonl").write_text(json.dumps(good) + "\nnot a record\n" + json.dumps(good) + "\n")
+    with pytest.raises(ValueError, match="line 2, is not an image record"):
+        read_metadata(tmp_path)
+
+
+def test_a_kill_mid_png_leaves_no_half_image_and_its_leftover_is_removed(tiny, tmp_path):
+    from sae_utils.sampling import _write_atomically
+
+    generate(gen_config(tmp_path, seeds=[0]), pipe=tiny)
+    image = tmp_path / image_relpath(PROMPT, 1)
+
+    def write_png():
+        from PIL import Image
+
+        _write_atomically(image, lambda tmp: Image.new("RGB", (32, 32)).save(tmp, format="PNG"))
+
+    killed_at("generate:file-written", write_png)
+    assert not image.exists() and leftovers(tmp_path)  # a whole PNG or none under the final name
+    assert generate(gen_config(tmp_path, seeds=[0, 1]), pipe=tiny).generated == 1
+    assert image.is_file() and leftovers(tmp_path) == []
+
+
+def _other_architecture_delta(path):
+    from diffusers import UNet2DConditionModel
+
+    from sae_utils.delta import extract_delta, save_delta, trainable_parameter_names
+
+    unet = UNet2DConditionModel.from_config({**tiny_pipeline().unet.config, "cross_attention_dim": 48})
+    return save_delta(extract_delta(unet, trainable_parameter_names(unet, "k")), path)
+
+
+@pytest.mark.parametrize("mistake, fix, message", [
+    (dict(height=33), dict(height=32), "height=33 is not a multiple of 8"),
+    (dict(prompts=[PROMPT + ", " + " ".join(["very"] * 80)]), dict(), "the last .* would be cut off"),
+    (dict(delta="OTHER"), dict(), "architecture"),
+])
+def test_a_first_run_that_fails_leaves_the_folder_free(tiny, tmp_path, mistake, fix, message):
+    if mistake.get("delta"):
+        mistake = {"delta": str(_other_architecture_delta(tmp_path / "other.safetensors"))}
+    folder = tmp_path / "run"
+    with pytest.raises(ValueError, match=message):
+        generate(gen_config(folder, seeds=[0], **mistake), pipe=tiny)
+    assert not (folder / "run.json").exists() and not list(folder.rglob("*.png"))
+    assert generate(gen_config(folder, seeds=[0], **fix), pipe=tiny).generated == 1  # was: "other settings"
+    with pytest.raises(ValueError, match="other settings"):  # the folder's run is now fixed, as before
+        generate(gen_config(folder, seeds=[0], guidance_scale=2.0), pipe=tiny)
+
+
+def test_two_objects_of_one_word_get_their_own_maps(tiny, tmp_path):
+    # "a teddy bear and a bear": both objects read the first "bear", overlap 1.0
+    prompt = "a photo of a teddy bear and a bear"
+    generate(gen_config(tmp_path, prompts=[prompt], seeds=[0], capture_attention=True), pipe=tiny)
+    record, = read_metadata(tmp_path)
+    from safetensors.torch import load_file
+
+    maps = load_file(tmp_path / record["attention"]["maps"])["word_maps"]
+    assert record["words"] == ["bear", "bear"] and not torch.equal(maps[0], maps[1])
+    assert record["attention"]["overlap"] < 0.999
+
+
+def test_an_unwritable_output_folder_fails_before_the_model_loads(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    # the model would fail to load (offline); the folder is found out first, in no time
+    with pytest.raises(OSError, match="Cannot write to the output folder"):
+        generate(gen_config(blocker / "run", model="CompVis/stable-diffusion-v1-4"))
+    with pytest.raises(OSError, match="Cannot write to the output folder"):
+        Finetuner(run_config(blocker / "run", model="CompVis/stable-diffusion-v1-4"))
+
+
+# ----------------------------------------------------------------------------------------------------------
 # The command lines: every bad value is one line, naming it; --debug shows the traceback
 # ----------------------------------------------------------------------------------------------------------
 def one_line_error(argv, capsys, prog) -> str:
@@ -288,6 +417,49 @@ def test_sae_finetune_config_file_mistakes(tmp_path, capsys, content, message):
     path = tmp_path / "config.json"
     path.write_text(content if isinstance(content, str) else json.dumps(content))
     assert message in one_line_error(FINETUNE + ["--config", str(path)], capsys, "sae-finetune")
+
+
+GENERATE = ["generate", "--model", "tiny", "--prompts", PROMPT, "--num-inference-steps", "1", "--height", "32",
+            "--width", "32", "--device", "cpu", "--no-progress"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--num-seeds", "0"], "num_seeds must be positive"),
+    (["--seeds", "-1"], "seeds must be distinct non-negative integers"),
+    (["--batch-size", "0"], "batch_size must be positive"),
+    (["--guidance-scale", "nan"], "guidance_scale must be a finite number >= 0"),
+    (["--num-inference-steps", "0"], "num_inference_steps must be a positive integer"),
+    (["--height", "33"], "height=33 is not a multiple of 8"),
+    (["--method", "magic"], "Unknown method 'magic'"),
+    (["--prompt-set", "nope"], "is neither a named prompt set"),
+    (["--delta", "missing.safetensors"], "missing.safetensors does not exist"),
+    (["--prompts", " "], "An empty prompt"),
+])
+def test_sae_generate_bad_values(tmp_path, capsys, flags, message):
+    argv = GENERATE + ["--output-dir", str(tmp_path / "run")] + flags
+    assert message in one_line_error(argv, capsys, "sae-generate")
+    assert not (tmp_path / "run" / "run.json").exists()
+
+
+def test_sae_generate_config_with_a_misspelt_key(tmp_path, capsys):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"num_seed": 4}))
+    message = one_line_error(GENERATE + ["--config", str(path)], capsys, "sae-generate")
+    assert "'num_seed' (did you mean 'num_seeds'?)" in message
+
+
+def test_sae_evaluate_bad_values(tmp_path, capsys):
+    assert "holds no metadata.jsonl" in one_line_error(["evaluate", str(tmp_path / "nothing"), "--metrics", "toy"],
+                                                        capsys, "sae-evaluate")
+    assert not (tmp_path / "nothing").exists()  # nothing is created for a folder that is not a run
+    for flags, message in [(["--n-boot", "0"], "n_boot must be a positive integer"),
+                           (["--toy-threshold", "nan"], "toy_threshold must be a number in [0, 1]"),
+                           (["--metrics", "fid"], "Unknown metrics ['fid']")]:
+        argv = ["evaluate", str(tmp_path), "--metrics", "toy"] + flags
+        assert message in one_line_error(argv, capsys, "sae-evaluate")
+    (tmp_path / "metadata.jsonl").write_text('{"prompt": "a"}\n{broken\n{"prompt": "b"}\n')
+    assert "line 1, is not an image record" in one_line_error(["evaluate", str(tmp_path), "--metrics", "toy"],
+                                                               capsys, "sae-evaluate")
 
 
 def test_debug_shows_the_error_itself():

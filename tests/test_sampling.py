@@ -139,7 +139,7 @@ def read_metadata_of(path):
 
 
 def test_read_metadata_skips_only_a_cut_off_last_line(tmp_path):
-    append_records(tmp_path / "metadata.jsonl", [{"prompt": "p", "seed": 0, "method": "sd"}])
+    append_records(tmp_path / "metadata.jsonl", [{"prompt": "p", "seed": 0, "method": "sd", "image": "0.png"}])
     with open(tmp_path / "metadata.jsonl", "a") as f:
         f.write('{"prompt": "p", "se')
     with warnings.catch_warnings(record=True) as caught:
@@ -147,7 +147,7 @@ def test_read_metadata_skips_only_a_cut_off_last_line(tmp_path):
         assert len(read_metadata(tmp_path)) == 1
     assert "cut off" in str(caught[0].message)
     with open(tmp_path / "metadata.jsonl", "a") as f:
-        f.write('\n{"prompt": "p", "seed": 1, "method": "sd"}\n')
+        f.write('\n{"prompt": "p", "seed": 1, "method": "sd", "image": "1.png"}\n')
     with pytest.raises(ValueError, match="line 2"):
         read_metadata(tmp_path)
 
@@ -185,3 +185,15 @@ def test_words_categories_and_folders():
     assert prompt_slug("a cat and a dog") == "a_cat_and_a_dog"
     variants = ["a cat and a dog", "a cat, and a dog", "A cat and a dog", "a_cat and a dog"]
     assert len({prompt_slug(p) for p in variants}) == 4
+
+
+def test_every_shipped_prompt_reads_its_objects_on_tokens_of_their_own(tokenizer):
+    from sae_utils.sampling import object_word_specs
+    from sae_utils.tokens import word_token_positions
+
+    for name in ("attend-and-excite", "multi-concept", "toy"):
+        for prompt in prompt_set(name):
+            specs = object_word_specs(prompt)
+            assert [w for w, _ in specs] == object_words(prompt)
+            positions = word_token_positions(tokenizer, prompt, specs)  # raises on a shared or ambiguous word
+            assert len({p for word in positions for p in word}) == sum(map(len, positions)), prompt
