@@ -253,14 +253,14 @@ def _from_hub(repo_id: str, dtype: torch.dtype, safety_checker: bool) -> StableD
         why = "HF_HUB_OFFLINE is set" if offline else "huggingface.co cannot be reached from this machine"
         raise ModelNotAvailableError(
             f"Cannot load {repo_id!r}: it is not in the local Hugging Face cache{folder} and {why}. Download it on a "
-            "machine with internet (huggingface-cli download ...) and pass the local folder, or use "
+            "machine with internet (hf download ...) and pass the local folder, or use "
             "model='toy' (the project's own trained model) or model='tiny' (random weights, for tests).")
     try:
         return _from_pretrained(repo_id, dtype, safety_checker, local_files_only=False)
     except (OSError, ValueError) as error:  # not found, gated, a proxy's error page, a broken download, ...
         raise ModelNotAvailableError(
             f"Cannot load {repo_id!r} from the hub{folder}: {str(error).splitlines()[0] if str(error) else error!r}. "
-            "Check the id (and a token for gated models: huggingface-cli login), or download it and pass the "
+            "Check the id (and a token for gated models: hf auth login), or download it and pass the "
             "local folder.") from error
 
 

@@ -64,5 +64,5 @@ def test_usage_lists_the_commands(tmp_path, capsys):
     Image.new("RGB", (8, 8)).save(tmp_path / "0.png")
     append_records(tmp_path / "metadata.jsonl", [{"prompt": "a cat and a dog", "words": ["cat", "dog"], "seed": 0,
                                                   "method": "sd", "image": "0.png"}])
-    with pytest.raises(SystemExit, match="huggingface-cli download openai/clip-vit-base-patch16"):
+    with pytest.raises(SystemExit, match="hf download openai/clip-vit-base-patch16"):
         main(["evaluate", str(tmp_path), "--metrics", "clip"])

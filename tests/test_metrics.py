@@ -299,7 +299,7 @@ def test_missing_weights_fail_fast_with_instructions(loader, name, monkeypatch):
         loader(name, device="cpu")
     assert time.perf_counter() - start < 5
     message = str(error.value)
-    assert name in message and f"huggingface-cli download {name}" in message and "HF_HUB_OFFLINE" in message
+    assert name in message and f"hf download {name}" in message and "HF_HUB_OFFLINE" in message
     assert isinstance(error.value, ModelNotAvailableError)
 
 

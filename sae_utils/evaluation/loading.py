@@ -4,7 +4,7 @@
     models = load_metric_models(device="cuda")              # all three, as a MetricModels bundle
     models = load_metric_models(blip=None, detector=None)   # CLIP only
 
-A name is a local folder (what `save_pretrained` or `huggingface-cli download NAME --local-dir DIR` wrote)
+A name is a local folder (what `save_pretrained` or `hf download NAME --local-dir DIR` wrote)
 or a hub id. A hub id is looked up in the local Hugging Face cache first; if it is not there, the hub is
 tried only when HF_HUB_OFFLINE is unset and huggingface.co answers within 3 s. Otherwise
 `MetricModelNotAvailable` is raised at once, instead of transformers retrying for minutes.
@@ -102,7 +102,7 @@ def _local_source(name) -> Path | None:
     text = str(name)
     if text.startswith(("/", ".", "~")) or text.count("/") > 1 or os.sep != "/" and os.sep in text:
         raise MetricModelNotAvailable(f"{text!r} looks like a folder but does not exist here. Pass the folder that "
-                                      "`huggingface-cli download NAME --local-dir FOLDER` wrote, or a hub id.")
+                                      "`hf download NAME --local-dir FOLDER` wrote, or a hub id.")
     return None
 
 
@@ -112,7 +112,7 @@ def _check_hub(name: str) -> None:
         why = "HF_HUB_OFFLINE is set" if offline else "huggingface.co cannot be reached from this machine"
         raise MetricModelNotAvailable(
             f"Cannot load the metric model {name!r}: it is not in the local Hugging Face cache and {why}. On a "
-            f"machine with internet run `huggingface-cli download {name} --local-dir FOLDER`, copy FOLDER here "
+            f"machine with internet run `hf download {name} --local-dir FOLDER`, copy FOLDER here "
             "and pass its path instead of the name; or, where the hub is reachable, unset HF_HUB_OFFLINE "
             "(HF_HUB_OFFLINE=0).")
 
