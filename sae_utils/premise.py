@@ -281,7 +281,9 @@ def check_premise(pipe, sets: PremiseSets | None = None, settings: PremiseSettin
         now_missing = after[np.arange(len(index)), missing[index]]
         now_other = after[np.arange(len(index)), 1 - missing[index]]
         report["boost"][name] = {"both": rate(now_missing & now_other), "swap": rate(now_missing & ~now_other),
-                                 "unchanged": rate(~now_missing & now_other), "neither": rate(~now_missing & ~now_other)}
+                                 "unchanged": rate(~now_missing & now_other), "neither": rate(~now_missing & ~now_other),
+                                 "per_prompt": _per_prompt(words, now_missing & now_other)}
+        report["verdicts"][f"boost_{name}"] = dict(zip(map(str, index.tolist()), _verdicts(after)))
     report["gates"] = gates(report)
     report["passed"] = all(g["passed"] for g in report["gates"].values())
     return report

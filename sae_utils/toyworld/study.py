@@ -292,8 +292,10 @@ ABLATION = {"separate only": dict(lambda_en=0.0), "enhance only": dict(lambda_se
             # a variant, not the paper's recipe: the losses on the model's own sampling path (random latents are
             # far from what the toy model sees when it samples)
             "sepen (K), trajectory latents": dict(latent_source="trajectory"),
-            # the released code's reading of the maps (per-head slices of half the batch; FinetuneConfig.map_reading)
-            "sepen (K), released map reading": dict(map_reading="released")}
+            # the released code's readings: of the maps (per-head slices of half the batch; FinetuneConfig.map_reading)
+            # and of the prompt (train_individual.py: "a photo of {} and {}", no articles: outside the toy's grammar)
+            "sepen (K), released map reading": dict(map_reading="released"),
+            "sepen (K), released template": dict(template="a photo of {a} {connector} {b}")}
 COMMAND = "python -m sae_utils.toyworld.study --out benchmarks/results/toy_study"
 
 
@@ -330,8 +332,13 @@ def run_study(pipe, settings: StudySettings, out: str | Path, ablation: dict | N
     plan += [(name, {**settings.finetune, **overrides, "protocol": "single-pair"},
               lambda name=name, overrides=overrides: study.single_pair(name, **overrides))
              for name, overrides in single.items()]
-    multi = "sepen multi-pair (K, norm loss)"
-    plan += [(multi, {**settings.multi_pair, "protocol": "multi-pair"}, lambda: study.multi_pair(multi))]
+    multi = {"sepen multi-pair (K, norm loss)": {},
+             # the released train_large.py: the norm loss as a second AdamW update (FinetuneConfig.norm_update)
+             "sepen multi-pair (K, norm loss as a second update)": dict(norm_update="separate")}
+    multi = multi if ablation is None else dict(list(multi.items())[:1])
+    plan += [(name, {**settings.multi_pair, **overrides, "protocol": "multi-pair"},
+              lambda name=name, overrides=overrides: study.multi_pair(name, **overrides))
+             for name, overrides in multi.items()]
     for name, finetune, measure in plan:
         kept = done.get(name)
         recorded = {k: v for k, v in (kept or {}).get("finetune", {}).items() if k != "train_seconds"}
