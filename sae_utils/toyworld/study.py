@@ -130,6 +130,7 @@ class StudySettings:
     control_per_prompt: int = 32  # 4 control pairs -> 128 images
     seen_per_prompt: int = 12  # 20 seen pairs -> 240 images
     batch_size: int = 64
+    seed: int = EVAL_SEED  # the first evaluation seed (tuning uses another range: benchmarks/toy_lr_sweep.py)
     sampling: dict = field(default_factory=dict)  # overrides of the model's sampler defaults
     finetune: dict = field(default_factory=lambda: dict(steps=200, learning_rate=2.5e-5))
     multi_pair: dict = field(default_factory=lambda: dict(steps=400, learning_rate=2.5e-5, norm_loss_weight=0.5))
@@ -156,7 +157,7 @@ class ToyStudy:
         s = self.settings
         per = {"single": s.single_per_kind, "seen": s.seen_per_prompt, "target": s.pair_per_prompt,
                "control": s.control_per_prompt}
-        return eval_set(which, per_prompt or per[which], pairs=pairs, split=self.split)
+        return eval_set(which, per_prompt or per[which], pairs=pairs, seed=s.seed, split=self.split)
 
     def measure(self, name: str = "base", sets: Sequence[str] | None = None) -> dict:
         """Measure the pipeline as it is now, on the chosen evaluation sets; recorded as condition `name`."""
@@ -353,7 +354,7 @@ def run_study(pipe, settings: StudySettings, out: str | Path, ablation: dict | N
     split = study.split
     checks = {which: len(kinds) for which, (kinds, _) in study.check_seeds().items()}
     notes = (f"The toy model `{getattr(pipe, 'name_or_path', '')}` (pair split {split.name!r}, maps at "
-             f"{map_resolution(pipe)}x{map_resolution(pipe)}); evaluation seeds from {EVAL_SEED} (never used by "
+             f"{map_resolution(pipe)}x{map_resolution(pipe)}); evaluation seeds from {settings.seed} (never used by "
              f"finetuning). Single-pair protocol: one delta per target pair ({len(split.held_out_target)} pairs), "
              f"{settings.pair_per_prompt} seeds each on its own pair, and each delta also on {checks} images of single "
              f"shapes / control pairs, compared with the base on the same seeds. Multi-pair: one delta on the "
