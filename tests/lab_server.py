@@ -41,10 +41,15 @@ class LabServer:
                                   # the network is closed: no news feed, no update check
                                   "--LabApp.news_url=None",
                                   "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"]
+        # no "Would you like to get notified about official Jupyter news?" toast over the notebook
+        settings = home / "config" / "lab" / "user-settings" / "@jupyterlab" / "apputils-extension"
+        settings.mkdir(parents=True, exist_ok=True)
+        (settings / "notification.jupyterlab-settings").write_text('{"fetchNews": "false"}\n')
         self.cwd = cwd
         self.process: subprocess.Popen | None = None
 
     def start(self, timeout: float = 300.0) -> "LabServer":
+        assert self.process is None, "this server was started already"
         log = open(self.log_path, "w")
         # its own process group, so that stop() ends the server and whatever it started (kernels)
         self.process = subprocess.Popen(self.command, cwd=self.cwd, env=self.env, stdout=log,
@@ -59,6 +64,9 @@ class LabServer:
                     return self
             except (urllib.error.URLError, ConnectionError, OSError):
                 time.sleep(1)
+            except BaseException:
+                self.stop()
+                raise
         self.stop()
         raise RuntimeError(f"JupyterLab did not answer on {self.url} within {timeout:.0f} s; "
                            f"its log ends with:\n{self.log_tail()}")
@@ -83,7 +91,7 @@ class LabServer:
             self.process.wait()
 
     def __enter__(self) -> "LabServer":
-        return self.start()
+        return self if self.process is not None else self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()
