@@ -1,11 +1,19 @@
-"""Solutions to the loss exercises, written as a learner might: one step per line.
+"""Solutions to the course's exercises, written as a learner might: one step per line. They are kept here, off
+the learner's page; an instructor (or a stuck learner) reveals one with `show_solution("my_peaks")` or
+`print(inspect.getsource(separate_loss_solution))`. The automatic tests run the notebooks with
+`use_reference_solution=True`, which hands these to the checks.
 
-Reveal one in a notebook with `print(inspect.getsource(separate_loss_solution))`.
-The package's own versions, with input checks, live in `sae_utils.losses`.
+    01  my_peaks, MyCaptureProcessor    peaks_solution, CaptureProcessorSolution
+    02  my_separate_loss, my_enhance_loss    separate_loss_solution, enhance_loss_solution
+    03  my_training_step, my_kv_names   training_step_solution, kv_names_solution
+
+The package's own versions, with input checks, live in `sae_utils.losses`, `.attention` and `.finetune`.
 """
 
 from __future__ import annotations
 
+import inspect
+import math
 from itertools import combinations
 
 import torch
@@ -44,3 +52,85 @@ def enhance_loss_solution(maps: Tensor, sigma: float = 0.5) -> Tensor:
 def sepen_loss_solution(maps: Tensor, lambda_sep: float = 1.0, lambda_en: float = 0.5) -> Tensor:
     """maps: (B, K, H, W) -> (B,): lambda_sep * separate + lambda_en * enhance."""
     return lambda_sep * separate_loss_solution(maps) + lambda_en * enhance_loss_solution(maps)
+
+
+# ---------- notebook 01 ----------
+
+def peaks_solution(word_maps: Tensor) -> Tensor:
+    """word_maps: (B, K, h, w) -> (B, K): the highest value of each object's map."""
+    return word_maps.flatten(2).amax(dim=-1)  # or word_maps.amax(dim=(-2, -1))
+
+
+class CaptureProcessorSolution:
+    """A diffusers attention processor for a cross-attention layer that also records its maps.
+
+    At each call it appends to `self.maps` the conditional half's maps, heads averaged: (B/2, 77, h, w).
+    """
+
+    def __init__(self):
+        self.maps = []
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
+        B, L, _ = hidden_states.shape
+        query = attn.to_q(hidden_states)  # (B, L, width): one query per pixel
+        key = attn.to_k(encoder_hidden_states)  # (B, 77, width): one key per token
+        value = attn.to_v(encoder_hidden_states)
+        d = key.shape[-1] // attn.heads  # one head's width
+        query, key, value = (x.view(B, -1, attn.heads, d).transpose(1, 2) for x in (query, key, value))
+        scores = query.float() @ key.float().transpose(-1, -2) * attn.scale  # (B, heads, L, 77); scale 1/sqrt(d)
+        probs = scores.softmax(dim=-1)  # over the 77 tokens: each pixel's attention sums to 1
+        conditional = probs[B // 2:].mean(dim=1)  # [unconditional, conditional]: the second half; heads averaged
+        side = math.isqrt(L)
+        self.maps.append(conditional.transpose(1, 2).reshape(B // 2, -1, side, side).detach())  # (B/2, 77, h, w)
+        out = (probs.to(value.dtype) @ value).transpose(1, 2).reshape(B, L, attn.heads * d)  # heads merged back
+        return attn.to_out[1](attn.to_out[0](out))  # the output projection, then dropout
+
+
+# ---------- notebook 03 ----------
+
+def kv_names_solution(unet) -> list[str]:
+    """The parameters trainable="kv" trains: to_k and to_v of every cross-attention layer (attn2)."""
+    return [name for name, _ in unet.named_parameters() if ".attn2.to_k." in name or ".attn2.to_v." in name]
+
+
+def training_step_solution(pipe, noise_scheduler, prompt, words, generator, batch_size=4):
+    """One data-free SepEn step up to backward; returns the loss, the keys' gradients in their .grad."""
+    from sae_utils.attention import capture_cross_attention
+    from sae_utils.losses import sepen_loss
+
+    unet = pipe.unet
+    unet.requires_grad_(False)  # freeze everything ...
+    keys = [p for name, p in unet.named_parameters() if ".attn2.to_k." in name]  # ... but the cross-attention keys
+    for p in keys:
+        p.requires_grad_(True)
+        p.grad = None  # backward adds to .grad: start from nothing
+
+    side = unet.config.sample_size  # the latent's side
+    z0 = torch.randn(batch_size, 4, side, side, generator=generator) * pipe.vae.config.scaling_factor
+    noise = torch.randn(batch_size, 4, side, side, generator=generator)
+    t = torch.randint(0, 1000, (batch_size,), generator=generator)  # 0..999: the upper bound is exclusive
+    noisy = noise_scheduler.add_noise(z0, noise, t).to(unet.device, unet.dtype)
+
+    ids = pipe.tokenizer([prompt] * batch_size, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                         truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():  # the text encoder is frozen
+        text = pipe.text_encoder(ids.to(pipe.text_encoder.device))[0].to(unet.dtype)
+
+    with capture_cross_attention(pipe, keep="last") as store:  # the model's map level
+        unet(noisy, t.to(unet.device), encoder_hidden_states=text)
+    maps = store.word_maps(prompt, words)  # (B, 2, h, w), with their autograd graph
+    loss = sepen_loss(maps).mean()  # 1 x separate + 0.5 x enhance, averaged over the batch
+    loss.backward()
+    return loss
+
+
+SOLUTIONS = {"my_peaks": peaks_solution, "MyCaptureProcessor": CaptureProcessorSolution,
+             "my_separate_loss": separate_loss_solution, "my_enhance_loss": enhance_loss_solution,
+             "my_kv_names": kv_names_solution, "my_training_step": training_step_solution}
+
+
+def show_solution(name: str) -> None:
+    """Print the course's solution to the exercise `name` (e.g. "my_training_step")."""
+    if name not in SOLUTIONS:
+        raise KeyError(f"No solution named {name!r}; the exercises are {sorted(SOLUTIONS)}.")
+    print(inspect.getsource(SOLUTIONS[name]))
