@@ -145,6 +145,11 @@ def explore(interactive: bool = True, distances: Sequence[float] = (12, 8, 4, 0)
     0.5) and blob B fading at `fade_distance` (second row), each titled with its losses.
     """
     if interactive and _in_kernel():
+        # the sliders draw only in a running kernel: the static grid too, so the executed notebook keeps a figure
+        from IPython.display import display
+
+        display(explore(interactive=False, distances=distances, weak_strengths=weak_strengths,
+                        fade_distance=fade_distance))
         return _explore_widget()
     sliding = [two_blobs(d) for d in distances]
     fading = [two_blobs(fade_distance, 0.5, s) for s in weak_strengths]

@@ -259,8 +259,32 @@ def browse_maps(store, image, tokens: Sequence[tuple[int, str]], interactive: bo
     if store.num_steps == 0:
         raise RuntimeError("Nothing recorded yet: run the pipeline inside the capture context.")
     if interactive and _in_kernel():
+        # The widget draws only in a running kernel: show the static grid as well, so that the executed notebook
+        # (nbviewer, GitHub, a closed JupyterLab) still holds the maps.
+        from IPython.display import display
+
+        display(_browse_static(store, image, tokens, index, num_steps_shown))
         return _browse_widget(store, image, tokens, index)
     return _browse_static(store, image, tokens, index, num_steps_shown)
+
+
+def layer_localisation(store, prompts, words, step: int | None = None) -> list[dict]:
+    """How localised each captured layer's object maps are, and the maps averaged over the layers.
+
+    One row per layer, then "mean of the layers": the mean over images and object words of the map's peak and
+    of its peak / mean ratio (1 for a flat map; h*w when all of it is on one pixel), and the share of the map's
+    mass on its top 10 % pixels (0.1 when flat). `prompts`, `words`: as `store.word_maps`.
+    """
+    rows = [(short_layer_name(name), [name]) for name in store.layers] + [("mean of the layers", None)]
+    table = []
+    for label, layers in rows:
+        maps = store.word_maps(prompts, words, step=step, layers=layers).detach().float().flatten(2)  # (B, K, h*w)
+        top = max(1, round(0.1 * maps.shape[-1]))
+        table.append({"layer": label, "peak": maps.amax(-1).mean().item(),
+                      "peak / mean": (maps.amax(-1) / maps.mean(-1).clamp_min(1e-12)).mean().item(),
+                      "top 10 % share": (maps.topk(top, dim=-1).values.sum(-1) / maps.sum(-1).clamp_min(1e-12))
+                      .mean().item()})
+    return table
 
 
 def _in_kernel() -> bool:

@@ -139,7 +139,14 @@ def test_explore_in_a_kernel_gives_sliders_that_redraw_and_explain_impossible_st
     import sae_utils.synthetic as synthetic
 
     monkeypatch.setattr(synthetic, "_in_kernel", lambda: True)
+    import IPython.display
+
+    displayed = []
+    real_display = IPython.display.display
+    monkeypatch.setattr(IPython.display, "display", lambda obj: displayed.append(obj) or real_display(obj))
     widget = synthetic.explore(interactive=True)
+    # the static grid of both sweeps is shown beside the sliders: the executed notebook keeps a figure
+    assert len(displayed[0].axes) == 8 and "sliding together" in displayed[0]._suptitle.get_text()
     distance, strength_a, strength_b = widget.children[0].children
     assert [s.description for s in (distance, strength_a, strength_b)] == ["distance", "strength A", "strength B"]
     capsys.readouterr()

@@ -9,6 +9,7 @@ from matplotlib.figure import Figure  # noqa: E402
 
 from sae_utils import viz  # noqa: E402
 from sae_utils.attention import AttentionStore, capture_cross_attention  # noqa: E402
+from sae_utils.models import clip_tokenizer  # noqa: E402
 
 PROMPT = "a photo of a cat and a dog"
 
@@ -128,8 +129,14 @@ def test_browse_maps_widget_redraws_for_each_step_and_layer(capture, monkeypatch
     monkeypatch.setattr(viz, "_in_kernel", lambda: True)  # as in a notebook kernel with a frontend
     shown = []
     monkeypatch.setattr(viz, "token_heatmaps", lambda image, maps, tokens: shown.append(maps) or Figure())
+    displayed = []
+    monkeypatch.setattr("IPython.display.display", lambda obj: displayed.append(obj))
     box = viz.browse_maps(store, images[0], [(5, "cat")], interactive=True, index=1)
     assert isinstance(box, widgets.VBox)
+    # the static grid is shown beside the widget: an executed notebook keeps a figure without a kernel
+    # (then the widget's first drawing, into its own output area)
+    static = displayed[0]
+    assert isinstance(static, Figure) and len(static.axes) == min(4, store.num_steps) * (len(store.layers) + 1)
     step, layer = box.children[0].children
     torch.testing.assert_close(shown[-1], store.token_maps()[1])  # starts at "mean" over steps, "all layers"
     step.value = 2
@@ -154,3 +161,23 @@ def test_loss_curve_plots_each_key_against_step():
     assert list(lines[0].get_xdata()) == list(range(6)) and list(lines[1].get_xdata()) == [1, 3, 5]
     with pytest.raises(KeyError, match="logged keys"):
         viz.loss_curve(history, keys=("accuracy",))
+
+
+def test_layer_localisation_tells_a_peaked_layer_from_a_flat_one():
+    layers = {"down_blocks.1.attentions.0.transformer_blocks.0.attn2": 2,
+              "up_blocks.1.attentions.0.transformer_blocks.0.attn2": 2}
+    store = AttentionStore(layers, keep="mean", tokenizer=clip_tokenizer())
+    store.begin_step(torch.zeros(1, 4, 8, 8))
+    flat = torch.full((1, 16, 77), 1 / 77)  # (B, L, T): every token 1/77 everywhere
+    peaked = flat.clone()
+    peaked[0, :, 5] = 0.0
+    peaked[0, 3, 5] = 0.5  # "cat" (token 5) all on one of the 16 pixels
+    store.record(list(layers)[0], peaked[:, None])
+    store.record(list(layers)[1], flat[:, None])
+    rows = viz.layer_localisation(store, PROMPT, ["cat"])
+    assert [r["layer"] for r in rows] == ["down1.0", "up1.0", "mean of the layers"]
+    first, second, mean = rows
+    assert first["peak / mean"] == pytest.approx(16.0) and second["peak / mean"] == pytest.approx(1.0)
+    assert first["top 10 % share"] == pytest.approx(1.0) and second["top 10 % share"] == pytest.approx(2 / 16)
+    # the mean of a peaked and a flat layer is less peaked than the peaked layer alone
+    assert second["peak / mean"] < mean["peak / mean"] < first["peak / mean"]
