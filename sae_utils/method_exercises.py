@@ -18,10 +18,43 @@ from collections.abc import Callable
 
 import torch
 
-from .attention import CrossAttentionCaptureProcessor, capture_cross_attention, layers_at_resolution, map_resolution
+from .attention import (CrossAttentionCaptureProcessor, capture_cross_attention, cross_attention_layers,
+                        layers_at_resolution, map_resolution)
 from .exercises import ExerciseError
 
 CHECK_PROMPTS = ("a photo of a star and a heart", "a photo of a ring and a moon")  # any two prompts differ
+
+
+def cross_attention_order(model) -> list[str]:
+    """Every cross-attention layer of the UNet in the order a forward pass runs them (down, mid, up blocks), found
+    by running the UNet once on a small zero latent. (`cross_attention_layers` lists them in module order.)"""
+    unet = getattr(model, "unet", model)
+    order: list[str] = []
+    hooks = [unet.get_submodule(name).register_forward_pre_hook(lambda module, args, name=name: order.append(name))
+             for name in cross_attention_layers(unet)]
+    side = max(8, unet.config.sample_size // 4)
+    param = next(unet.parameters())
+    try:
+        with torch.no_grad():
+            unet(torch.zeros(1, unet.config.in_channels, side, side, device=param.device, dtype=param.dtype),
+                 torch.tensor(0, device=param.device),
+                 encoder_hidden_states=torch.zeros(1, 77, unet.config.cross_attention_dim, device=param.device,
+                                                   dtype=param.dtype))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return list(dict.fromkeys(order))
+
+
+def layers_after_maps(model) -> list[str]:
+    """The cross-attention layers that run after the last map-level one. Training reads only the map-level maps and
+    stops the UNet there (`early_exit`), so these layers' keys get no gradient from Separate and Enhance: they
+    cannot change (only a loss on the UNet's output, such as the norm loss, reaches them)."""
+    unet = getattr(model, "unet", model)
+    maps = set(layers_at_resolution(unet, map_resolution(model)))
+    order = cross_attention_order(unet)
+    last = max(i for i, name in enumerate(order) if name in maps)
+    return order[last + 1:]
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -219,3 +219,46 @@ def test_an_unfinished_step_says_not_done(finetuner, capsys):
 
     assert check_training_step(stub, finetuner) is False
     assert "Not done yet" in capsys.readouterr().out
+
+
+# ---------- which keys can train ----------
+
+def test_keys_after_the_last_map_layer_get_no_gradient_on_tiny_and_sd_layout(pipe):
+    """The forward stops after the last map-level layer: the keys after it get no gradient (verified by a real
+    backward), on tiny/toy and on Stable Diffusion v1's layout (16 keys, of which up_blocks.2-3's 6 get none)."""
+    from diffusers import UNet2DConditionModel
+
+    from sae_utils.method_exercises import cross_attention_order, layers_after_maps
+    from sae_utils.models import SD_V1_UNET_CONFIG
+
+    def keys_with_gradient(model):
+        unet = getattr(model, "unet", model)
+        unet.requires_grad_(False)
+        keys = {n: p for n, p in unet.named_parameters() if ".attn2.to_k." in n}
+        for p in keys.values():
+            p.requires_grad_(True)
+            p.grad = None
+        side = unet.config.sample_size
+        with capture_cross_attention(model, keep="last", cfg=False, stop_when_complete=True) as store:
+            from sae_utils.attention import forward_until_captured
+            forward_until_captured(unet, torch.randn(1, 4, side, side), torch.tensor(500),
+                                   encoder_hidden_states=torch.randn(1, 77, unet.config.cross_attention_dim))
+        store.token_maps()[:, 1:3].square().sum().backward()
+        got = {n.rsplit(".to_k.", 1)[0] for n, p in keys.items() if p.grad is not None and p.grad.abs().sum() > 0}
+        for p in keys.values():
+            p.grad = None
+        return got, {n.rsplit(".to_k.", 1)[0] for n in keys}
+
+    with_grad, all_keys = keys_with_gradient(pipe)
+    after = layers_after_maps(pipe)
+    assert after and with_grad == all_keys - set(after)
+    assert set(cross_attention_order(pipe)) == all_keys
+
+    # Stable Diffusion v1's layout (2 layers per block), at a small width: the same 16 keys, the same order
+    sd_layout = UNet2DConditionModel(**{**SD_V1_UNET_CONFIG, "sample_size": 32, "block_out_channels": (32, 32, 64, 64),
+                                        "cross_attention_dim": 32, "norm_num_groups": 8})
+    with_grad, all_keys = keys_with_gradient(sd_layout)
+    after = layers_after_maps(sd_layout)
+    assert len(all_keys) == 16 and len(after) == 6
+    assert all(name.startswith(("up_blocks.2.", "up_blocks.3.")) for name in after)
+    assert with_grad == all_keys - set(after)
