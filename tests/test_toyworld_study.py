@@ -131,3 +131,12 @@ def test_a_rerun_of_the_study_keeps_what_was_measured_and_measures_only_the_rest
     other = StudySettings(**{**settings.__dict__, "pair_per_prompt": 2})
     with pytest.raises(ValueError, match="other settings"):
         run_study(micro_toy, other, tmp_path, ablation={}, progress=False)
+
+
+def test_the_study_command_refuses_an_unknown_condition_before_loading_the_model(capsys):
+    from sae_utils.toyworld.study import main
+
+    with pytest.raises(SystemExit):
+        main(["--out", "unused", "--model", "no-such-folder", "--conditions", "sepen (K), released map reading", "typo"])
+    err = capsys.readouterr().err
+    assert "unknown condition(s) ['typo']" in err and "sepen (K), released template" in err

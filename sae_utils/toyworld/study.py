@@ -20,6 +20,8 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import shlex
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -297,6 +299,9 @@ ABLATION = {"separate only": dict(lambda_en=0.0), "enhance only": dict(lambda_se
             # and of the prompt (train_individual.py: "a photo of {} and {}", no articles: outside the toy's grammar)
             "sepen (K), released map reading": dict(map_reading="released"),
             "sepen (K), released template": dict(template="a photo of {a} {connector} {b}")}
+MULTI_PAIR = {"sepen multi-pair (K, norm loss)": {},
+              # the released train_large.py: the norm loss as a second AdamW update (FinetuneConfig.norm_update)
+              "sepen multi-pair (K, norm loss as a second update)": dict(norm_update="separate")}
 COMMAND = "python -m sae_utils.toyworld.study --out benchmarks/results/toy_study"
 
 
@@ -305,7 +310,7 @@ def _as_json(value):
 
 
 def run_study(pipe, settings: StudySettings, out: str | Path, ablation: dict | None = None,
-              progress: bool = True) -> Path:
+              progress: bool = True, multi_pair: Sequence[str] | None = None, command: str = COMMAND) -> Path:
     """The full protocol: base, single-pair SepEn, multi-pair SepEn, the ablation; report.md + results.json.
 
     Resumable: results.json is rewritten after every condition, and a rerun into the same folder keeps the
@@ -333,10 +338,11 @@ def run_study(pipe, settings: StudySettings, out: str | Path, ablation: dict | N
     plan += [(name, {**settings.finetune, **overrides, "protocol": "single-pair"},
               lambda name=name, overrides=overrides: study.single_pair(name, **overrides))
              for name, overrides in single.items()]
-    multi = {"sepen multi-pair (K, norm loss)": {},
-             # the released train_large.py: the norm loss as a second AdamW update (FinetuneConfig.norm_update)
-             "sepen multi-pair (K, norm loss as a second update)": dict(norm_update="separate")}
-    multi = multi if ablation is None else dict(list(multi.items())[:1])
+    multi = dict(MULTI_PAIR)
+    if multi_pair is not None:  # the chosen multi-pair conditions only (an unknown name is refused by main)
+        multi = {name: overrides for name, overrides in multi.items() if name in multi_pair}
+    elif ablation is not None:
+        multi = dict(list(multi.items())[:1])
     plan += [(name, {**settings.multi_pair, **overrides, "protocol": "multi-pair"},
               lambda name=name, overrides=overrides: study.multi_pair(name, **overrides))
              for name, overrides in multi.items()]
@@ -359,7 +365,7 @@ def run_study(pipe, settings: StudySettings, out: str | Path, ablation: dict | N
              f"{settings.pair_per_prompt} seeds each on its own pair, and each delta also on {checks} images of single "
              f"shapes / control pairs, compared with the base on the same seeds. Multi-pair: one delta on the "
              f"{len(split.seen)} seen pairs with the norm loss, measured like the base. "
-             f"Finetuning: {settings.finetune}; multi-pair {settings.multi_pair}. `{COMMAND}` took {minutes:.0f} "
+             f"Finetuning: {settings.finetune}; multi-pair {settings.multi_pair}. `{command}` took {minutes:.0f} "
              f"minutes of {torch.get_num_threads()} CPU threads in all.")
     return write_report(study, out, "Separate-and-Enhance on the toy model: the full protocol", notes,
                         compare="sepen (K)")
@@ -370,11 +376,29 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default="outputs/toy_study")
     parser.add_argument("--model", default="toy")
     parser.add_argument("--quick", action="store_true", help="a small version (8 images per prompt)")
+    parser.add_argument("--learning-rate", type=float, help="SepEn's learning rate per sample (default "
+                        f"{StudySettings().finetune['learning_rate']:g}; tune it on other seeds: benchmarks/toy_lr_sweep.py)")
+    parser.add_argument("--conditions", nargs="+", metavar="NAME", help="only these ablation and multi-pair conditions, "
+                        "each quoted (base and 'sepen (K)' always run); a rerun into the same folder adds the others")
     args = parser.parse_args(argv)
     settings = StudySettings()
     if args.quick:
         settings = StudySettings(single_per_kind=8, pair_per_prompt=8, control_per_prompt=8, seen_per_prompt=4)
-    report = run_study(load_pipeline(args.model, device="cpu"), settings, args.out)
+    if args.learning_rate is not None:
+        settings.finetune = {**settings.finetune, "learning_rate": args.learning_rate}
+        settings.multi_pair = {**settings.multi_pair, "learning_rate": args.learning_rate}
+    ablation = multi = None
+    if args.conditions:
+        chosen = args.conditions
+        known = list(ABLATION) + list(MULTI_PAIR)
+        unknown = [c for c in chosen if c not in known]
+        if unknown:
+            parser.error(f"unknown condition(s) {unknown}; choose from {known}")
+        ablation = {c: ABLATION[c] for c in chosen if c in ABLATION}
+        multi = [c for c in chosen if c in MULTI_PAIR]
+    command = "python -m sae_utils.toyworld.study " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    report = run_study(load_pipeline(args.model, device="cpu"), settings, args.out, ablation=ablation,
+                       multi_pair=multi, command=command)
     print(report.read_text())
 
 
