@@ -122,6 +122,9 @@ def _enhance_mistakes(reading: str) -> dict[str, LossFn]:
             lambda m: 1 - _peaks(m, kernel, "reflect").mean(-1),
         "you padded with zeros: pad by 1 pixel with mode='reflect' (F.pad(x, (1, 1, 1, 1), mode='reflect'))":
             lambda m: 1 - _peaks(m, kernel, "constant").amin(-1),
+        "you padded with mode='replicate', which repeats the edge pixel, so an edge peak counts twice in its own blur; "
+        "pad with mode='reflect' (F.pad(x, (1, 1, 1, 1), mode='reflect')), which mirrors the pixels next to the edge":
+            lambda m: 1 - _peaks(m, kernel, "replicate").amin(-1),
         "you did not pad: pad by 1 pixel with mode='reflect' so the blurred map keeps its size":
             lambda m: 1 - _peaks(m, kernel, None).amin(-1),
         "your kernel does not sum to 1: divide the weights by their sum":

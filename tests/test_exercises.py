@@ -99,6 +99,10 @@ def enhance_zero_padding(maps):
     return 1 - blur(maps, padding="constant").flatten(2).amax(2).amin(1)
 
 
+def enhance_replicate_padding(maps):
+    return 1 - blur(maps, padding="replicate").flatten(2).amax(2).amin(1)
+
+
 def enhance_per_object(maps):
     return 1 - blur(maps).flatten(2).amax(2)  # (B, K)
 
@@ -145,6 +149,7 @@ def test_textbook_course_accepts_textbook_kernel_and_explains_the_reference_one(
     (check_enhance_loss, enhance_without_one_minus, "strong and weak", "the loss is 1 - that peak"),
     (check_enhance_loss, enhance_mean_over_pixels, "strong and weak", "equals the mean over pixels: the loss takes the max"),
     (check_enhance_loss, enhance_zero_padding, "disjoint", "padded with zeros"),
+    (check_enhance_loss, enhance_replicate_padding, "disjoint", "mode='replicate'"),
     (check_enhance_loss, enhance_per_object, "strong and weak", r"expected shape \(B,\) = \(1,\), got \(1, 2\) = \(B, K\)"),
     (check_enhance_loss, enhance_batch_mean, "strong and weak", "you returned a scalar"),
     (check_sepen_loss, lambda m: 0.5 * losses.separate_loss(m) + losses.enhance_loss(m), "strong and weak", "swapped"),
