@@ -9,6 +9,8 @@ from pathlib import Path
 import papermill
 import pytest
 
+from notebook_claims import COMPUTED, FIGURES, PRINTED, check_executed, markdown_index
+
 NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))
 COLAB = "https://colab.research.google.com/github/"
@@ -16,11 +18,14 @@ COLAB = "https://colab.research.google.com/github/"
 # What CI passes to every notebook, then per notebook: small sizes so the whole set runs in minutes.
 CI_PARAMETERS = {"model": "tiny", "device": "cpu", "interactive": False}
 CI_PARAMETERS_PER_NOTEBOOK = {
-    "00_toy_world": {"model": "toy", "images_per_prompt": 1},
-    "01_cross_attention_maps": {"num_inference_steps": 4, "premise_images_per_pair": 2},
-    "02_separate_and_enhance_losses": {"num_inference_steps": 4, "use_reference_solution": True},
-    "03_finetune": {"num_inference_steps": 4, "steps": 6},
-    "04_evaluate": {"model": "toy", "num_prompts": 2, "seeds_per_prompt": 2, "finetune_steps": 20},
+    "00_toy_world": {"model": "toy", "images_per_prompt": 1, "use_reference_solution": True},
+    # 01 and 02 with their widgets on (papermill runs a real kernel): the saved notebook must still hold the figures
+    "01_cross_attention_maps": {"num_inference_steps": 4, "premise_images_per_pair": 2, "use_reference_solution": True,
+                                "interactive": True},
+    "02_separate_and_enhance_losses": {"num_inference_steps": 4, "use_reference_solution": True, "interactive": True},
+    "03_finetune": {"num_inference_steps": 4, "steps": 6, "use_reference_solution": True},
+    "04_evaluate": {"model": "toy", "num_prompts": 2, "seeds_per_prompt": 2, "finetune_steps": 20,
+                    "use_reference_solution": True},
     "05_multi_concept": {"num_inference_steps": 2, "steps": 3, "num_concepts": 6, "prompts_per_category": 1,
                          "seeds_per_prompt": 2},
 }
@@ -62,3 +67,31 @@ def test_notebook_executes(path, tmp_path, monkeypatch):
     parameters = {**CI_PARAMETERS, **CI_PARAMETERS_PER_NOTEBOOK.get(path.stem, {})}
     papermill.execute_notebook(str(path), str(tmp_path / path.name), parameters=parameters, kernel_name="python3",
                                cwd=str(NOTEBOOK_DIR), progress_bar=False)
+    # the executed notebook: its markdown's numbers match what it printed, its figures survive without a kernel
+    check_executed(path.stem, json.loads((tmp_path / path.name).read_text()))
+
+
+@pytest.mark.parametrize("claim", PRINTED + COMPUTED, ids=lambda c: f"{c.notebook}: {c.fragment[:40]}")
+def test_each_claim_is_in_its_notebook_and_the_arithmetic_holds(claim):
+    markdown_index(cells(NOTEBOOK_DIR / f"{claim.notebook}.ipynb"), claim.fragment)
+    if hasattr(claim, "pattern"):
+        return  # checked on the executed notebook (test_notebook_executes)
+    assert claim.check(), f"{claim.notebook}: {claim.fragment!r} does not hold"
+
+
+def test_figure_cells_exist():
+    for name, codes in FIGURES.items():
+        sources = ["".join(c["source"]) for c in cells(NOTEBOOK_DIR / f"{name}.ipynb") if c["cell_type"] == "code"]
+        assert all(sum(code in s for s in sources) == 1 for code in codes), name
+
+
+def test_check_executed_rejects_a_sentence_its_output_contradicts():
+    """The claim check reads outputs: a notebook whose printed kernel weights differ from its text fails."""
+    claim = next(c for c in PRINTED if c.notebook == "02_separate_and_enhance_losses")
+    notebook = {"cells": [
+        {"cell_type": "code", "source": "print(...)", "outputs": [
+            {"output_type": "stream", "name": "stdout", "text": "reference: 1-D weights [0.274, 0.452, 0.274], centre of "
+                                                                  "the 3x3 kernel 0.204\n"}]},
+        {"cell_type": "markdown", "source": claim.fragment}]}
+    with pytest.raises(AssertionError, match="update the sentence"):
+        check_executed("02_separate_and_enhance_losses", notebook)
