@@ -3,9 +3,12 @@ the learner's page; an instructor (or a stuck learner) reveals one with `show_so
 `print(inspect.getsource(separate_loss_solution))`. The automatic tests run the notebooks with
 `use_reference_solution=True`, which hands these to the checks.
 
+    00  both_present_rate               both_present_rate_solution
     01  my_peaks, MyCaptureProcessor    peaks_solution, CaptureProcessorSolution
     02  my_separate_loss, my_enhance_loss    separate_loss_solution, enhance_loss_solution
     03  my_training_step, my_kv_names   training_step_solution, kv_names_solution
+    04  my_success_rate                 success_rate_solution
+    05  my_prompt_count                 prompt_count_solution
 
 The package's own versions, with input checks, live in `sae_utils.losses`, `.attention` and `.finetune`.
 """
@@ -52,6 +55,13 @@ def enhance_loss_solution(maps: Tensor, sigma: float = 0.5) -> Tensor:
 def sepen_loss_solution(maps: Tensor, lambda_sep: float = 1.0, lambda_en: float = 0.5) -> Tensor:
     """maps: (B, K, H, W) -> (B,): lambda_sep * separate + lambda_en * enhance."""
     return lambda_sep * separate_loss_solution(maps) + lambda_en * enhance_loss_solution(maps)
+
+
+# ---------- notebook 00 ----------
+
+def both_present_rate_solution(present):
+    """present: (N, 2) booleans -> the share of rows (images) where both objects are present."""
+    return present.all(axis=1).mean()
 
 
 # ---------- notebook 01 ----------
@@ -124,7 +134,31 @@ def training_step_solution(pipe, noise_scheduler, prompt, words, generator, batc
     return loss
 
 
-SOLUTIONS = {"my_peaks": peaks_solution, "MyCaptureProcessor": CaptureProcessorSolution,
+# ---------- notebook 04 ----------
+
+def success_rate_solution(present):
+    """present: (N, K) bool tensor -> (rate, low, high): the share of images with every object, 95 % Wilson interval."""
+    n = len(present)
+    p = present.all(dim=1).float().mean().item()  # an image succeeds when every object is found
+    z = 1.96  # 95 %
+    centre = (p + z**2 / (2 * n)) / (1 + z**2 / n)
+    half = z / (1 + z**2 / n) * (p * (1 - p) / n + z**2 / (4 * n**2)) ** 0.5
+    return p, max(0.0, centre - half), min(1.0, centre + half)
+
+
+# ---------- notebook 05 ----------
+
+def prompt_count_solution(num_concepts, num_connectors):
+    """An ordered pair of two different concepts: N choices for the first, N - 1 for the second, each with any
+    connector: N (N - 1) C. With 200 concepts and 2 connectors, 79,600 prompts; the paper's 10,000 steps of 4
+    samples draw 40,000: each prompt about half a time, each unordered pair about twice. What the delta learns has to
+    be general, a rule for object words, not a fix for each pair."""
+    return num_concepts * (num_concepts - 1) * num_connectors
+
+
+SOLUTIONS = {"both_present_rate": both_present_rate_solution, "my_success_rate": success_rate_solution,
+             "my_prompt_count": prompt_count_solution,
+             "my_peaks": peaks_solution, "MyCaptureProcessor": CaptureProcessorSolution,
              "my_separate_loss": separate_loss_solution, "my_enhance_loss": enhance_loss_solution,
              "my_kv_names": kv_names_solution, "my_training_step": training_step_solution}
 

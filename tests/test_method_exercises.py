@@ -262,3 +262,13 @@ def test_keys_after_the_last_map_layer_get_no_gradient_on_tiny_and_sd_layout(pip
     assert len(all_keys) == 16 and len(after) == 6
     assert all(name.startswith(("up_blocks.2.", "up_blocks.3.")) for name in after)
     assert with_grad == all_keys - set(after)
+
+
+def test_show_solution_prints_each_exercise_and_refuses_unknown_names(capsys):
+    from sae_utils.solutions import SOLUTIONS, show_solution
+
+    for name in SOLUTIONS:
+        show_solution(name)
+        assert "def " in capsys.readouterr().out
+    with pytest.raises(KeyError, match="my_training_step"):
+        show_solution("my_trainig_step")

@@ -95,3 +95,16 @@ def test_check_executed_rejects_a_sentence_its_output_contradicts():
         {"cell_type": "markdown", "source": claim.fragment}]}
     with pytest.raises(AssertionError, match="update the sentence"):
         check_executed("02_separate_and_enhance_losses", notebook)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_solutions_are_not_on_the_learners_page(path):
+    """Exercises point to sae_utils.solutions (show_solution) instead of printing the answer under them."""
+    from sae_utils.solutions import SOLUTIONS
+
+    markdown = "\n".join("".join(c["source"]) for c in cells(path) if c["cell_type"] == "markdown")
+    assert "<summary>Solution" not in markdown, f"{path.name} shows a solution on the page"
+    for name in ("def " + n for n in SOLUTIONS if n.startswith("my_") or n == "both_present_rate"):
+        assert name not in markdown, f"{path.name}'s markdown spells out {name}"
+    for shown in __import__("re").findall(r'show_solution\("(\w+)"\)', markdown):
+        assert shown in SOLUTIONS, f"{path.name} points to a solution that does not exist: {shown}"
