@@ -376,6 +376,8 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default="outputs/toy_study")
     parser.add_argument("--model", default="toy")
     parser.add_argument("--quick", action="store_true", help="a small version (8 images per prompt)")
+    parser.add_argument("--per-pair", type=int, help="images per pair and per single shape (default: the full "
+                        "protocol's 64 per target pair, 32 per control pair and shape; seen pairs get half)")
     parser.add_argument("--learning-rate", type=float, help="SepEn's learning rate per sample (default "
                         f"{StudySettings().finetune['learning_rate']:g}; tune it on other seeds: benchmarks/toy_lr_sweep.py)")
     parser.add_argument("--conditions", nargs="+", metavar="NAME", help="only these ablation and multi-pair conditions, "
@@ -384,6 +386,9 @@ def main(argv=None) -> None:
     settings = StudySettings()
     if args.quick:
         settings = StudySettings(single_per_kind=8, pair_per_prompt=8, control_per_prompt=8, seen_per_prompt=4)
+    if args.per_pair:
+        n = args.per_pair
+        settings = StudySettings(single_per_kind=n, pair_per_prompt=n, control_per_prompt=n, seen_per_prompt=max(1, n // 2))
     if args.learning_rate is not None:
         settings.finetune = {**settings.finetune, "learning_rate": args.learning_rate}
         settings.multi_pair = {**settings.multi_pair, "learning_rate": args.learning_rate}
