@@ -50,19 +50,21 @@ def main(argv=None) -> None:
     print("3/3 writing the report ...")
     minutes = (time.perf_counter() - start) / 60
     split = study.split
-    notes = (f"The toy model, {args.images_per_pair} seeds per target pair ({len(split.held_out_target)} look-alike "
-             f"pairs it never saw together) and per control pair ({len(split.held_out_control)} unlike pairs it never "
-             f"saw together either), {args.images_per_kind} per single shape; with SepEn, each target pair's own "
-             f"delta, the same seeds (single shapes and control pairs: every delta, a share of the seeds each). "
-             f"Finetuning: {settings.finetune}. A smaller sample than the full protocol "
-             f"(`python -m sae_utils.toyworld.study`, benchmarks/results/toy_study/README.md). Ran in {minutes:.1f} "
-             f"minutes on {torch.get_num_threads()} CPU threads.")
+    controls = (f" and per control pair ({len(split.held_out_control)} pairs it never saw together either)"
+                if split.held_out_control else "")
+    notes = (f"The toy model, {args.images_per_pair} seeds per target pair ({len(split.held_out_target)} pairs it "
+             f"never saw together, split {split.name!r}){controls}, {args.images_per_kind} per single shape; with "
+             f"SepEn, each target pair's own delta, the same seeds (single shapes and control pairs: every delta, a "
+             f"share of the seeds each). Finetuning: {settings.finetune}. A smaller sample than the full protocol "
+             f"(`python -m sae_utils.toyworld.study`; what it measured: README.md, 'SepEn on the toy model'). Ran in "
+             f"{minutes:.1f} minutes on {torch.get_num_threads()} CPU threads.")
     report = write_report(study, Path(args.out), "Separate-and-Enhance on the toy model", notes)
     print("\n" + report_table(study.results))
     for key, d in study.results["differences"].items():
         print(f"{key}: {d['points']:+.1f} points [{d['low']:+.1f}, {d['high']:+.1f}]")
     print(f"\nreport: {report} ({minutes:.1f} minutes)")
-    print("The full protocol (256 images a condition, the ablation): benchmarks/results/toy_study/README.md.")
+    print("The full protocol (256 images a condition, the ablation) and the premise check that comes first: "
+          "README.md, 'SepEn on the toy model'.")
 
 
 if __name__ == "__main__":
