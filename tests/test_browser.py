@@ -22,15 +22,16 @@ import pytest
 from PIL import Image
 
 from lab_server import LabServer
+from test_notebooks import CI_PARAMETERS, CI_PARAMETERS_PER_NOTEBOOK
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "01_cross_attention_maps.ipynb"
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 CHROMEDRIVER = os.environ.get("CHROMEDRIVER", "/usr/bin/chromedriver")
 INSTALL = "install them with `apt-get install chromium chromium-driver` (or set CHROMIUM and CHROMEDRIVER)"
-# the parameters cell of the copy the browser opens: tiny, 4 steps, the widgets on
-PARAMETERS = {"model": '"tiny"', "device": '"cpu"', "num_inference_steps": "4", "interactive": "True",
-              "premise_images_per_pair": "2"}
+# the parameters cell of the copy the browser opens: CI's for notebook 01 (tiny, 4 steps), with the widgets on
+PARAMETERS = {name: repr(value) for name, value in
+              {**CI_PARAMETERS, **CI_PARAMETERS_PER_NOTEBOOK[NOTEBOOK.stem], "interactive": True}.items()}
 RUN_ALL_TIMEOUT = 900  # s; about 2-3 minutes on a shared 2-core CPU (the toy model's premise section is most of it)
 
 
@@ -133,7 +134,7 @@ def test_notebook_01_in_jupyterlab_widget_reacts_to_its_step_slider(tmp_path, ca
     lab = LabServer([sys.executable, "-m", "jupyterlab", f"--ServerApp.root_dir={work}"]
                     + (["--allow-root"] if os.geteuid() == 0 else []),
                     home=tmp_path / "jupyter", cwd=work, env={"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
-    with lab.start(timeout=120):
+    with lab.start(timeout=600):  # a loaded CI machine can take minutes to import JupyterLab
         browser = start_chromium(tmp_path)
         try:
             browser.get(f"{lab.url}/lab/tree/{NOTEBOOK.name}?token={lab.token}")
