@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 
 from .attention import capture_cross_attention, forward_until_captured, map_resolution
+from .conditioning import TextConditions, added_conditions
 from .losses import attend_and_excite_loss, attend_and_excite_token_maps, object_peaks, sepen_loss_terms
 from .maps import gather_word_maps
 from .models import model_family
@@ -108,7 +109,7 @@ def attend_and_excite(pipe, prompt: str, words: Sequence[WordSpec], generator, n
        and heads);
     2. maps: `attend_and_excite_token_maps` (start token dropped, the kept tokens x100 and softmaxed over them;
        which tokens follows the official code per model family: SD 1.x tokens 1..75, the end token and padding
-       included; SD 2.x the prompt's tokens only; `token_range` overrides); a word of several tokens gets the sum of its tokens' maps (the public code handles single-token
+       included; SD 2.x (and SDXL, which the official code does not cover) the prompt's tokens only; `token_range` overrides); a word of several tokens gets the sum of its tokens' maps (the public code handles single-token
        words only); loss = `attend_and_excite_loss` = max over objects of (1 - peak of the 3x3-Gaussian-smoothed
        map; the public code's kernel, see losses.gaussian_kernel_3x3);
     3. at the steps of `thresholds` (default {0: 0.05, 10: 0.5, 20: 0.8}, those before max_iter_to_alter),
@@ -131,7 +132,9 @@ def attend_and_excite(pipe, prompt: str, words: Sequence[WordSpec], generator, n
     n_text_tokens = count_tokens(tokenizer, prompt) - 2  # the prompt's tokens between start and end
     positions = word_token_positions(tokenizer, prompt, words)
 
-    token_range = token_range or ("prompt" if model_family(pipe) == "sd2" else "all-but-last")
+    # SDXL: the official code has none; its keys past the end token carry tokenizer_2's "!" padding, as SD 2.x's do,
+    # where the official code renormalises over the prompt's tokens: so does this one
+    token_range = token_range or ("all-but-last" if model_family(pipe) == "sd1" else "prompt")
 
     def objective(token_maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         batch = token_maps.shape[0]
@@ -220,12 +223,14 @@ def optimise_and_sample(pipe, prompt: str, positions: Sequence[Sequence[int]], g
     height = height or unet.config.sample_size * pipe.vae_scale_factor
     width = width or unet.config.sample_size * pipe.vae_scale_factor
     do_cfg = guidance_scale > 1.0
-    with torch.no_grad():
-        cond, uncond = pipe.encode_prompt(prompt, device, batch, do_cfg)
-    denoise_embeds = torch.cat([uncond, cond]) if do_cfg else cond
+    cond, uncond = encode_with_pipeline(pipe, prompt, device, batch, do_cfg)
+    denoise = uncond.cat(cond) if do_cfg else cond
+    cond_added = added_conditions(pipe, cond.pooled, height, width)  # SDXL's pooled text and time ids, else None
+    denoise_added = added_conditions(pipe, denoise.pooled, height, width)
     scheduler.set_timesteps(num_inference_steps, device=device)
     timesteps = scheduler.timesteps
-    latents = pipe.prepare_latents(batch, unet.config.in_channels, height, width, cond.dtype, device, generators)
+    latents = pipe.prepare_latents(batch, unet.config.in_channels, height, width, cond.embeds.dtype, device,
+                                   generators)
     extra_step_kwargs = pipe.prepare_extra_step_kwargs(generators, 0.0)
     alphas = step_sizes(len(timesteps), scale_factor, step_size_schedule)
     word_positions = [list(positions)] * batch
@@ -240,7 +245,7 @@ def optimise_and_sample(pipe, prompt: str, positions: Sequence[Sequence[int]], g
             with torch.enable_grad():
                 store.stop_when_complete = True  # the maps are all we need: skip the rest of the UNet
                 forward_until_captured(unet, scheduler.scale_model_input(leaf.to(dtype), t), t,
-                                       encoder_hidden_states=cond)
+                                       encoder_hidden_states=cond.embeds, added_cond_kwargs=cond_added)
                 loss, peaks = objective(store.token_maps())
                 (grad,) = torch.autograd.grad(loss.sum(), leaf)
             return loss.detach().float(), peaks.detach().float(), grad
@@ -256,7 +261,8 @@ def optimise_and_sample(pipe, prompt: str, positions: Sequence[Sequence[int]], g
                 store.stop_when_complete = False
                 model_input = torch.cat([latents] * 2) if do_cfg else latents
                 model_input = scheduler.scale_model_input(model_input, t)
-                noise = unet(model_input, t, encoder_hidden_states=denoise_embeds).sample
+                noise = unet(model_input, t, encoder_hidden_states=denoise.embeds,
+                             added_cond_kwargs=denoise_added).sample
                 if capture_attention:
                     token_maps = store.token_maps()[-batch:]  # the conditional half
                     step_maps = gather_word_maps(token_maps, word_positions).float()
@@ -297,11 +303,37 @@ def _optimise_step(latents: torch.Tensor, t, alpha: float, target: float | None,
     return z.to(latents.dtype)
 
 
-def decode_latents(pipe, latents: torch.Tensor) -> tuple[list[Image.Image], list[bool] | None]:
-    """Latents (B, C, h, w) -> PIL images, through the autoencoder and the pipeline's safety checker (if any)."""
+def encode_with_pipeline(pipe, prompt: str, device, batch: int, do_cfg: bool
+                         ) -> tuple[TextConditions, TextConditions | None]:
+    """The prompt's conditional and unconditional conditions, B copies each, by the pipeline's public
+    `encode_prompt` (SDXL's returns the pooled embeddings as well; its empty negative prompt is zeros)."""
     with torch.no_grad():
-        decoded = pipe.vae.decode(latents.to(pipe.vae.dtype) / pipe.vae.config.scaling_factor).sample
-        decoded, nsfw = pipe.run_safety_checker(decoded, latents.device, latents.dtype)
+        if getattr(pipe, "text_encoder_2", None) is not None:
+            cond, uncond, pooled, uncond_pooled = pipe.encode_prompt(
+                prompt, device=device, num_images_per_prompt=batch, do_classifier_free_guidance=do_cfg)
+            return TextConditions(cond, pooled), (TextConditions(uncond, uncond_pooled) if do_cfg else None)
+        cond, uncond = pipe.encode_prompt(prompt, device, batch, do_cfg)
+    return TextConditions(cond), (TextConditions(uncond) if do_cfg else None)
+
+
+def decode_latents(pipe, latents: torch.Tensor) -> tuple[list[Image.Image], list[bool] | None]:
+    """Latents (B, C, h, w) -> PIL images, through the autoencoder and the pipeline's safety checker (if any).
+
+    SDXL's autoencoder overflows in float16 (`force_upcast` in its config): it decodes in float32, as its
+    pipeline does, and goes back to float16 afterwards. SDXL has no safety checker (nsfw None)."""
+    vae = pipe.vae
+    upcast = vae.dtype == torch.float16 and vae.config.get("force_upcast", False)
+    with torch.no_grad():
+        if upcast:
+            vae.to(torch.float32)
+        try:
+            decoded = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+        finally:
+            if upcast:
+                vae.to(torch.float16)
+        decoded = decoded.to(latents.dtype)
+        checker = getattr(pipe, "run_safety_checker", None)
+        decoded, nsfw = checker(decoded, latents.device, latents.dtype) if checker else (decoded, None)
         denormalize = [True] * len(decoded) if nsfw is None else [not flagged for flagged in nsfw]
         images = pipe.image_processor.postprocess(decoded, output_type="pil", do_denormalize=denormalize)
     return images, (list(map(bool, nsfw)) if nsfw is not None else None)

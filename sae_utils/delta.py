@@ -7,7 +7,8 @@
     with apply_delta(other_pipe, load_delta("cat_dog.safetensors")):
         images = other_pipe("a cat and a dog").images        # the original weights are back after the block
 
-A delta applies to any UNet of the architecture it was trained on (same `architecture_fingerprint`: e.g. SD v1.4,
+A delta records its model family ("sd1", "sd2", "sdxl"; sae_utils.families) and is refused by a pipeline of another
+family, with a message naming both. It applies to any UNet of the architecture it was trained on (same `architecture_fingerprint`: e.g. SD v1.4,
 v1.5 and their finetunes) and is undone bitwise. Everything is checked before a single weight changes, so a
 rejected delta leaves the pipeline as it was. The metadata is JSON, stored as the safetensors header's string
 metadata under the key "sae_utils"; nothing is pickled. A saved delta carries the sha256 of its content (tensors
@@ -112,8 +113,8 @@ def trainable_parameter_names(unet, trainable: str = "k", layers: Sequence[str] 
 class Delta:
     """Trained tensors (parameter name -> value, CPU) and their metadata (JSON-able dict).
 
-    metadata keys set by `extract_delta`: format_version, base_model, fingerprint, architecture, trainable, layers,
-    tensors (name -> shape), dtype, sae_utils_version, created; the caller adds concepts, prompts, training_config,
+    metadata keys set by `extract_delta`: format_version, base_model, family, fingerprint, architecture, trainable,
+    layers, tensors (name -> shape), dtype, sae_utils_version, created; the caller adds concepts, prompts, training_config,
     or anything else JSON-able.
     """
     tensors: dict[str, torch.Tensor]
@@ -157,6 +158,7 @@ def extract_delta(model, names: Sequence[str], metadata: dict | None = None) -> 
         "format_version": FORMAT_VERSION,
         "base_model": _model_name(model),
         **given,
+        "family": _family(model) or given.get("family"),  # a bare UNet of SD 1.x/2.x: the caller says
         "fingerprint": architecture_fingerprint(unet),
         "architecture": architecture_config(unet),
         "trainable": trainable,
@@ -172,6 +174,34 @@ def extract_delta(model, names: Sequence[str], metadata: dict | None = None) -> 
         raise ValueError(f"The delta's metadata must be JSON-able (it is stored as text in the file): {error}. "
                          "Convert configs with dataclasses.asdict and paths with str.") from error
     return Delta(tensors, full)
+
+
+def _family(model) -> str | None:
+    """The model family of a pipeline; of a bare UNet only when its layout alone tells (SDXL), else None."""
+    from .families import family_of
+
+    if getattr(model, "unet", None) is not None:
+        return family_of(model)
+    return "sdxl" if family_of(model) == "sdxl" else None
+
+
+def _check_family(model, delta: Delta) -> None:
+    """A delta of another family is refused, naming both (before the fingerprint, which would only say 'differs')."""
+    from .families import FAMILIES
+
+    theirs, ours = delta.metadata.get("family"), _family(model)
+    if theirs is None or theirs == ours:
+        return
+    if ours is None and theirs != "sdxl":  # a bare UNet that is not SDXL's: sd1 or sd2, the fingerprint decides
+        return
+    ours = ours or "sd1/sd2"
+    title = lambda name: FAMILIES[name].title if name in FAMILIES else name  # noqa: E731
+    raise DeltaError(
+        f"This delta was trained on {title(theirs)} ({theirs!r}; base model {delta.metadata.get('base_model')!r}) but "
+        f"the pipeline is {title(ours)} ({ours!r}): a delta holds keys of one family's cross-attention layers and "
+        f"means nothing in another's. Load a {theirs} model to use it (offline: {FAMILIES[theirs].tiny!r} for a "
+        f"twin's delta), or train a delta on this {ours} model." if theirs in FAMILIES else
+        f"This delta records an unknown family {theirs!r}; the families are {list(FAMILIES)}.")
 
 
 def _trainable_set_of(unet, names: list[str], layers: list[str]) -> str:
@@ -368,13 +398,14 @@ class DeltaHandle:
 def apply_delta(model, delta: Delta, strict: bool = True) -> DeltaHandle:
     """Put the delta's values into a pipeline's (or a bare) UNet; returns a handle that undoes it.
 
-    Checks everything first (architecture fingerprint, every name present, every shape equal, values finite) and
+    Checks everything first (model family, architecture fingerprint, every name present, every shape equal, values finite) and
     raises `DeltaError` without touching the UNet if anything is off. Values are cast to each parameter's dtype and
     device. strict=False skips only the fingerprint comparison (names and shapes are always checked), for a UNet
     that differs from the delta's outside the trained tensors in a way you know to be harmless.
     """
     unet = getattr(model, "unet", model)
     _check_tensors_match_metadata(delta, where="the delta")
+    _check_family(model, delta)
     if strict:
         _check_fingerprint(model, unet, delta)
     params = dict(unet.named_parameters())
@@ -443,7 +474,8 @@ def delta_summary(delta: Delta) -> str:
         f"{len(meta.get('layers', []))} cross-attention layers",
         f"  size: {values * 4 / 1e6:.1f} MB at fp32, {values * 2 / 1e6:.1f} MB at fp16 "
         f"(held as {'/'.join(dtypes)}: {delta.nbytes / 1e6:.1f} MB)",
-        f"  base model: {meta.get('base_model') or 'unnamed'} (architecture {meta.get('fingerprint', '?')})",
+        f"  base model: {meta.get('base_model') or 'unnamed'} (family {meta.get('family') or '?'}, architecture "
+        f"{meta.get('fingerprint', '?')})",
     ]
     for key in ("concepts", "prompts"):
         if meta.get(key):

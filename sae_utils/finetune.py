@@ -33,11 +33,13 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import delta as deltas
+from . import conditioning
 from .attention import capture_cross_attention, forward_until_captured, map_resolution
 from .checkpoint import (CheckpointError, atomic_write, check_writable, find_checkpoint, load_checkpoint,
                          optimizer_from_tensors, optimizer_to_tensors, remove_orphans, save_checkpoint)
 from .losses import sepen_loss_terms, sepen_loss_terms_per_slice
 from .maps import released_head_stack
+from .families import check_token_alignment, family_of
 from .models import DEFAULT_MODEL, load_pipeline, model_info, portable_model_name
 from .prompts import PRIOR_TEMPLATE, TRAIN_TEMPLATE, PairPrompt, PairSampler, prior_prompt
 from .tokens import check_prompt_length, occurrence_at, word_spans, word_token_positions
@@ -192,15 +194,25 @@ def released_code_settings(multi_concept: bool) -> dict:
                          learning_rate=1e-6, steps=10000, norm_loss_weight=0.5, norm_update="separate")
 
 
-def preset(name: str, **overrides) -> FinetuneConfig:
+def preset(name: str, family: str | None = None, **overrides) -> FinetuneConfig:
     """A FinetuneConfig from a named preset, e.g. preset("colab-t4", pairs=[("cat", "dog")]).
 
+    "t4" (alias "colab-t4") and "24gb": the memory settings of `family` on that card (sae_utils.memory: SDXL on a
+    T4 is batch 1 x 4 accumulation with gradient checkpointing); the family is `family`, else the one `model`
+    names (e.g. model="sdxl" or "tiny-sdxl"), else SD 1.x. "low-memory": SD 1.x on 8 GB cards.
     "released-code" reproduces the released scripts as closely as a modern diffusers allows: with `pairs`,
     run_individual.sh; with `concepts`, run_large.sh (see `released_code_settings`)."""
+    from .families import family_of_name
+    from .memory import memory_preset
+
     if name == "released-code":
         return FinetuneConfig(**{**released_code_settings(overrides.get("concepts") is not None), **overrides})
+    card = {"colab-t4": "t4", "t4": "t4", "24gb": "24gb"}.get(name)
+    if card is not None:
+        family = family or family_of_name(overrides.get("model", DEFAULT_MODEL)) or "sd1"
+        return FinetuneConfig(**{**memory_preset(family, card).settings, **overrides})
     if name not in PRESETS:
-        raise ValueError(f"Unknown preset {name!r}; presets: {list(PRESETS) + ['released-code']}.")
+        raise ValueError(f"Unknown preset {name!r}; presets: {list(PRESETS) + ['t4', '24gb', 'released-code']}.")
     return FinetuneConfig(**{**PRESETS[name], **overrides})
 
 
@@ -262,7 +274,9 @@ class Finetuner:
 
         # Freeze everything; the trainable tensors live in float32 (fp16 master weights cannot be unscaled).
         self.pipe.unet.requires_grad_(False)
-        self.pipe.text_encoder.requires_grad_(False)
+        for encoder in (self.pipe.text_encoder, getattr(self.pipe, "text_encoder_2", None)):
+            if encoder is not None:
+                encoder.requires_grad_(False)
         self.pipe.vae.requires_grad_(False)
         self.trainable_names = deltas.trainable_parameter_names(self.unet, config.trainable, config.layers)
         self.parameters = [self.unet.get_parameter(name) for name in self.trainable_names]
@@ -288,7 +302,7 @@ class Finetuner:
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
         self.step, self.seconds, self.history = 0, 0.0, []
         self.saved_step: int | None = None  # the step of the checkpoint on disk (the last good one)
-        self._text_cache: dict[str, torch.Tensor] = {}
+        self._text_cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self._positions: dict[PairPrompt, list[list[int]]] = {}
         self._store = None
         self._graph = None
@@ -315,20 +329,39 @@ class Finetuner:
             [self.sampler.sample(self.config.seed, 0, i) for i in range(min(64, len(words) ** 2))]
         for p in prompts + self.validation_samples():  # a validation prompt is checked now, not after set-up
             check_prompt_length(self.pipe.tokenizer, p.prompt)
+            check_token_alignment(self.pipe, p.prompt)
             word_token_positions(self.pipe.tokenizer, p.prompt, p.word_specs)
 
     def text_embeddings(self, prompts: Sequence[str]) -> torch.Tensor:
-        """(B, 77, D) from the frozen text encoder, cached per prompt."""
+        """(B, 77, D) from the frozen text encoder(s), cached per prompt (SDXL: both encoders', concatenated)."""
+        self._encode_missing(prompts)
+        return torch.stack([self._text_cache[p][0] for p in prompts])
+
+    def pooled_embeddings(self, prompts: Sequence[str]) -> torch.Tensor | None:
+        """SDXL's pooled text embeddings (B, P) of the prompts, cached; None for the families without."""
+        self._encode_missing(prompts)
+        pooled = [self._text_cache[p][1] for p in prompts]
+        return None if pooled[0] is None else torch.stack(pooled)
+
+    def _encode_missing(self, prompts: Sequence[str]) -> None:
         missing = [p for p in dict.fromkeys(prompts) if p not in self._text_cache]
-        if missing:
-            ids = self.pipe.tokenizer(missing, padding="max_length", max_length=self.pipe.tokenizer.model_max_length,
-                                      truncation=True, return_tensors="pt").input_ids.to(self.device)
-            with torch.no_grad():
-                embeddings = self.pipe.text_encoder(ids)[0].to(self.weight_dtype)
-            if len(self._text_cache) + len(missing) > 8192:
-                self._text_cache.clear()
-            self._text_cache.update(zip(missing, embeddings))
-        return torch.stack([self._text_cache[p] for p in prompts])
+        if not missing:
+            return
+        text = conditioning.encode_prompts(self.pipe, missing).to(self.device, self.weight_dtype)
+        if len(self._text_cache) + len(missing) > 8192:
+            self._text_cache.clear()
+        pooled = [None] * len(missing) if text.pooled is None else list(text.pooled)
+        self._text_cache.update(zip(missing, zip(text.embeds, pooled)))
+
+    def added_conditions(self, pooled: torch.Tensor | None) -> dict | None:
+        """The UNet's `added_cond_kwargs` for a batch (SDXL: pooled text and the training size's time ids)."""
+        side = self.latent_size * self.pipe.vae_scale_factor
+        return conditioning.added_conditions(self.unet, pooled, side, side)
+
+    def _text_inputs(self, prompts: Sequence[str], prefix: str = "") -> dict:
+        """{"text": (B, 77, D)} and for SDXL {"pooled": (B, P)}: what a step's UNet calls read."""
+        pooled = self.pooled_embeddings(prompts)
+        return {f"{prefix}text": self.text_embeddings(prompts), **({} if pooled is None else {f"{prefix}pooled": pooled})}
 
     def random_inputs(self, step: int, start: int, size: int, stream: int = 0):
         """Latents, noise and timesteps of samples start..start+size-1 of the global batch of `step`."""
@@ -367,10 +400,14 @@ class Finetuner:
         latents = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(
             _sample_seed(self.config.seed, step, start + i, 5))) for i in range(len(samples))])
         latents = (latents * scheduler.init_noise_sigma).to(self.device, self.weight_dtype)
-        text = torch.cat([self.text_embeddings([""] * len(samples)), self.text_embeddings([s.prompt for s in samples])])
+        empty = conditioning.unconditional(self.pipe, len(samples)).to(self.device, self.weight_dtype)
+        prompts = [s.prompt for s in samples]
+        text = empty.cat(conditioning.TextConditions(self.text_embeddings(prompts), self.pooled_embeddings(prompts)))
+        added = self.added_conditions(text.pooled)
         for t in scheduler.timesteps[:stop]:
             with self.autocast():
-                noise = self.unet(torch.cat([latents] * 2), t, encoder_hidden_states=text).sample
+                noise = self.unet(torch.cat([latents] * 2), t, encoder_hidden_states=text.embeds,
+                                  added_cond_kwargs=added).sample
             unconditional, conditional = noise.float().chunk(2)
             guided = unconditional + settings["guidance_scale"] * (conditional - unconditional)
             latents = scheduler.step(guided, t, latents.float()).prev_sample.to(self.weight_dtype)
@@ -415,20 +452,24 @@ class Finetuner:
 
     def sepen_terms(self, samples: Sequence[PairPrompt], noisy: torch.Tensor, timesteps: torch.Tensor):
         """The SepEn loss terms of a batch of prompts on given noisy latents: each (B,)."""
-        text = self.text_embeddings([s.prompt for s in samples])
-        return self.sepen_terms_from(noisy, timesteps, text, self.word_masks(samples))
+        prompts = [s.prompt for s in samples]
+        return self.sepen_terms_from(noisy, timesteps, self.text_embeddings(prompts), self.word_masks(samples),
+                                     self.pooled_embeddings(prompts))
 
-    def sepen_terms_from(self, noisy, timesteps, text, masks):
-        """noisy (B, 4, h, w), timesteps (B,), text (B, T, D), masks (B, K, T) -> SepEn terms, each (B,).
+    def sepen_terms_from(self, noisy, timesteps, text, masks, pooled=None):
+        """noisy (B, 4, h, w), timesteps (B,), text (B, T, D), masks (B, K, T), pooled (B, P) (SDXL only) -> SepEn
+        terms, each (B,).
 
         No host synchronisation. Call backward inside `capturing()` when gradient checkpointing is on.
         """
         c = self.config
+        added = self.added_conditions(pooled)
         with self.capturing() as store:
             store.stop_when_complete = c.early_exit
             try:
                 with self.autocast():
-                    forward_until_captured(self.unet, noisy, timesteps, encoder_hidden_states=text)
+                    forward_until_captured(self.unet, noisy, timesteps, encoder_hidden_states=text,
+                                           added_cond_kwargs=added)
             finally:
                 store.stop_when_complete = False
             if c.map_reading == "released":  # per-head slices of the second half of the batch, layers averaged
@@ -448,20 +489,22 @@ class Finetuner:
             [words[i] for i in rng.integers(len(words), size=size)]
         prompts = [prior_prompt(w, self.config.prior_template).prompt for w in concepts]
         noisy, timesteps = self.random_inputs(step, start, size, stream=1)
-        return {"prior_noisy": noisy, "prior_timesteps": timesteps, "prior_text": self.text_embeddings(prompts)}
+        return {"prior_noisy": noisy, "prior_timesteps": timesteps, **self._text_inputs(prompts, prefix="prior_")}
 
     def norm_loss(self, step: int, start: int, size: int) -> torch.Tensor:
         """Prior preservation on the prompts of `prior_inputs`; see `norm_loss_from`."""
         inputs = self.prior_inputs(step, start, size)
-        return self.norm_loss_from(inputs["prior_noisy"], inputs["prior_timesteps"], inputs["prior_text"])
+        return self.norm_loss_from(inputs["prior_noisy"], inputs["prior_timesteps"], inputs["prior_text"],
+                                   inputs.get("prior_pooled"))
 
-    def norm_loss_from(self, noisy, timesteps, text) -> torch.Tensor:
+    def norm_loss_from(self, noisy, timesteps, text, pooled=None) -> torch.Tensor:
         """The finetuned UNet's noise prediction should stay what the original weights predict. The target
         comes from the same UNet with the original trainable tensors swapped in: no second UNet in memory."""
+        added = self.added_conditions(pooled)
         with torch.no_grad(), self.original_weights(), self.autocast():
-            target = self.unet(noisy, timesteps, encoder_hidden_states=text).sample
+            target = self.unet(noisy, timesteps, encoder_hidden_states=text, added_cond_kwargs=added).sample
         with self.autocast():
-            prediction = self.unet(noisy, timesteps, encoder_hidden_states=text).sample
+            prediction = self.unet(noisy, timesteps, encoder_hidden_states=text, added_cond_kwargs=added).sample
         return F.mse_loss(prediction.float(), target.float())
 
     @contextlib.contextmanager
@@ -485,7 +528,7 @@ class Finetuner:
             noisy, timesteps = self.trajectory_inputs(samples, self.step, start)
         else:
             noisy, timesteps = self.random_inputs(self.step, start, c.batch_size)
-        inputs = {"noisy": noisy, "timesteps": timesteps, "text": self.text_embeddings([s.prompt for s in samples]),
+        inputs = {"noisy": noisy, "timesteps": timesteps, **self._text_inputs([s.prompt for s in samples]),
                   "masks": self.word_masks(samples)}
         if c.norm_loss_weight > 0 and c.norm_update == "joint":
             inputs |= self.prior_inputs(self.step, start, c.batch_size)
@@ -497,8 +540,10 @@ class Finetuner:
     def step_losses(self, inputs: dict) -> dict[str, torch.Tensor]:
         """The losses of one micro-batch (device tensors, no host sync): loss, separate, enhance, norm."""
         c = self.config
-        terms = self.sepen_terms_from(inputs["noisy"], inputs["timesteps"], inputs["text"], inputs["masks"])
-        norm = self.norm_loss_from(inputs["prior_noisy"], inputs["prior_timesteps"], inputs["prior_text"]) \
+        terms = self.sepen_terms_from(inputs["noisy"], inputs["timesteps"], inputs["text"], inputs["masks"],
+                                      inputs.get("pooled"))
+        norm = self.norm_loss_from(inputs["prior_noisy"], inputs["prior_timesteps"], inputs["prior_text"],
+                                   inputs.get("prior_pooled")) \
             if "prior_noisy" in inputs else torch.zeros((), device=self.device)
         return {"loss": terms.total.mean() + c.norm_loss_weight * norm, "separate": terms.separate.mean(),
                 "enhance": terms.enhance.mean(), "norm": norm}
@@ -544,7 +589,8 @@ class Finetuner:
             start = self._micro_start(micro)
             samples = self.sampler.batch(c.seed, self.step, start, c.batch_size)
             inputs = self.prior_inputs(self.step, start, c.batch_size, samples=samples)
-            norm = self.norm_loss_from(inputs["prior_noisy"], inputs["prior_timesteps"], inputs["prior_text"])
+            norm = self.norm_loss_from(inputs["prior_noisy"], inputs["prior_timesteps"], inputs["prior_text"],
+                                       inputs.get("prior_pooled"))
             self.scaler.scale(c.norm_loss_weight * norm / c.gradient_accumulation_steps).backward()
             total = total + norm.detach() / c.gradient_accumulation_steps
         self._update({"norm": total})
@@ -726,7 +772,8 @@ class Finetuner:
     def delta(self) -> "deltas.Delta":
         """The trained tensors (float32, as trained) and what they were trained on."""
         c = self.config
-        metadata = {"base_model": portable_model_name(c.model), "trainable": c.trainable, "layers": c.layers,
+        metadata = {"base_model": portable_model_name(c.model), "family": family_of(self.pipe),
+                    "trainable": c.trainable, "layers": c.layers,
                     "concepts": self.sampler.words, "pairs": c.pairs, "steps": self.step,
                     "map_resolution": self.map_resolution,
                     "config": c.to_json()}

@@ -20,6 +20,7 @@ import torch
 
 from .attention import (CrossAttentionCaptureProcessor, capture_cross_attention, cross_attention_layers,
                         layers_at_resolution, map_resolution)
+from .conditioning import encode_prompts, unconditional, unet_conditions, zero_conditions
 from .exercises import ExerciseError
 
 CHECK_PROMPTS = ("a photo of a star and a heart", "a photo of a ring and a moon")  # any two prompts differ
@@ -37,9 +38,7 @@ def cross_attention_order(model) -> list[str]:
     try:
         with torch.no_grad():
             unet(torch.zeros(1, unet.config.in_channels, side, side, device=param.device, dtype=param.dtype),
-                 torch.tensor(0, device=param.device),
-                 encoder_hidden_states=torch.zeros(1, 77, unet.config.cross_attention_dim, device=param.device,
-                                                   dtype=param.dtype))
+                 torch.tensor(0, device=param.device), **zero_conditions(unet, 1, side * 8))
     finally:
         for hook in hooks:
             hook.remove()
@@ -126,18 +125,16 @@ def _capture_mistakes(attn, hidden, text) -> dict[str, torch.Tensor]:
 
 
 def _fixed_unet_inputs(pipe, prompts, seed: int):
-    """A classifier-free guidance batch as the pipeline builds it: latents twice, text [unconditional, prompts]."""
+    """A classifier-free guidance batch as the pipeline builds it: latents twice, text [unconditional, prompts]
+    (as UNet keyword arguments: `encoder_hidden_states`, and SDXL's `added_cond_kwargs`)."""
     unet = pipe.unet
     side = unet.config.sample_size
     g = torch.Generator().manual_seed(seed)
     latents = torch.randn(len(prompts), unet.config.in_channels, side, side, generator=g)
-    ids = pipe.tokenizer([""] * len(prompts) + list(prompts), padding="max_length", truncation=True,
-                         max_length=pipe.tokenizer.model_max_length, return_tensors="pt").input_ids
-    with torch.no_grad():
-        text = pipe.text_encoder(ids.to(pipe.text_encoder.device))[0]
+    text = unconditional(pipe, len(prompts)).cat(encode_prompts(pipe, prompts))
     latents = torch.cat([latents, latents]).to(unet.device, unet.dtype)
     timestep = torch.tensor(500, device=unet.device)
-    return latents, timestep, text.to(unet.device, unet.dtype)
+    return latents, timestep, unet_conditions(pipe, text)
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, atol: float) -> bool:
@@ -190,7 +187,7 @@ def check_capture_processor(make_processor: Callable, pipe, prompts=CHECK_PROMPT
             for name in layers:  # the package's processors, recording their inputs as well
                 recorders[name].store = store
             unet.set_attn_processor({**unet.attn_processors, **{f"{n}.processor": p for n, p in recorders.items()}})
-            expected_output = unet(latents, timestep, encoder_hidden_states=text).sample
+            expected_output = unet(latents, timestep, **text).sample
             expected = {name: store.layer_maps(name) for name in layers}
     finally:
         unet.set_attn_processor(dict(previous))
@@ -247,7 +244,7 @@ def check_capture_processor(make_processor: Callable, pipe, prompts=CHECK_PROMPT
     try:
         unet.set_attn_processor({**unet.attn_processors, **{f"{n}.processor": p for n, p in mine.items()}})
         with torch.no_grad():
-            output = unet(latents, timestep, encoder_hidden_states=text).sample
+            output = unet(latents, timestep, **text).sample
     finally:
         unet.set_attn_processor(dict(previous))
     for name in layers:
@@ -366,13 +363,15 @@ def check_training_step(step_fn: Callable, finetuner, seed: int = 1234) -> bool:
     clean, noise, timesteps = expected_draw(torch.Generator().manual_seed(seed), B, shape, scale)
     noisy = finetuner.noise_scheduler.add_noise(clean, noise, timesteps)
     text = finetuner.text_embeddings([prompt] * B)
+    pooled = finetuner.pooled_embeddings([prompt] * B)  # SDXL's; None for SD 1.x and 2.x
     with _fresh_unet(unet, keys):
         unet.requires_grad_(False)
         for p in keys:
             p.requires_grad_(True)
         with finetuner.capturing():
             terms = finetuner.sepen_terms_from(noisy.to(finetuner.device, finetuner.weight_dtype),
-                                               timesteps.to(finetuner.device), text, finetuner.word_masks([sample] * B))
+                                               timesteps.to(finetuner.device), text, finetuner.word_masks([sample] * B),
+                                               pooled)
             expected_loss = terms.total.mean()
             expected_loss.backward()
         expected_grads = _grads(unet)
@@ -381,7 +380,7 @@ def check_training_step(step_fn: Callable, finetuner, seed: int = 1234) -> bool:
         return ExerciseError(f"my_training_step {message}.\nhint: {hint}")
 
     if not calls:
-        raise fail("never called the UNet", "run pipe.unet(noisy, t, encoder_hidden_states=text) inside "
+        raise fail("never called the UNet", "run pipe.unet(noisy, t, **unet_conditions(pipe, prompts)) inside "
                    "capture_cross_attention(pipe, keep='last')")
     got_noisy, got_t, got_text = calls[0]
     got_t = torch.as_tensor(got_t).detach().cpu()
@@ -436,7 +435,8 @@ def check_training_step(step_fn: Callable, finetuner, seed: int = 1234) -> bool:
     if got_text is None or not torch.allclose(got_text.float().cpu(), text.float().cpu(), **tol):
         raise fail("gave the UNet other text embeddings",
                    f"encode [prompt] * {B} padded to 77 tokens: pipe.text_encoder(pipe.tokenizer(..., "
-                   "padding='max_length', max_length=77, return_tensors='pt').input_ids)[0]; no unconditional half")
+                   "padding='max_length', max_length=77, return_tensors='pt').input_ids)[0] (any model: "
+                   "sae_utils.conditioning.unet_conditions(pipe, [prompt] * B)); no unconditional half")
     # 4. the loss
     if not isinstance(loss, torch.Tensor):
         raise fail(f"returned a {type(loss).__name__}", "return the loss tensor (no .item())")

@@ -1,11 +1,13 @@
-"""Load a Stable Diffusion pipeline: a real checkpoint, the random `tiny` one, or the project's `toy` model.
+"""Load a Stable Diffusion pipeline: a real checkpoint (SD 1.x, 2.x, XL), a random-weight twin, or the `toy` model.
 
-All three are plain diffusers `StableDiffusionPipeline`s, so every other module of `sae_utils` runs the
-same code on each of them:
+All are plain diffusers pipelines (`StableDiffusionPipeline`, `StableDiffusionXLPipeline` for SDXL), so every
+other module of `sae_utils` runs the same code on each of them (sae_utils.families says what differs):
 
     pipe = load_pipeline("tiny")                              # random weights, SD v1 layout, offline, CPU
+    pipe = load_pipeline("tiny-sd2"), load_pipeline("tiny-sdxl")   # the same for SD 2.x and SDXL
     pipe = load_pipeline("toy")                               # the project's trained model of a shape world
     pipe = load_pipeline("CompVis/stable-diffusion-v1-4", device="cuda")   # the real thing (needs internet)
+    pipe = load_pipeline("sdxl", device="cuda")               # a family's name: its official checkpoint
 """
 from __future__ import annotations
 
@@ -24,6 +26,8 @@ import torch
 from . import _environment  # noqa: F401  (before diffusers: quiets an expected transformers notice)
 from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from .families import ALIASES, FAMILIES, TINY_MODELS, family_of, tiny_twin
 
 DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
 TOY_MODEL_DIR = Path(__file__).parent / "toyworld" / "model"
@@ -53,13 +57,14 @@ class ModelNotAvailableError(RuntimeError):
 # ----------------------------------------------------------------------------------------------------------
 # The tokenizer
 # ----------------------------------------------------------------------------------------------------------
-@lru_cache(maxsize=1)
-def clip_tokenizer() -> CLIPTokenizer:
+@lru_cache(maxsize=2)
+def clip_tokenizer(pad_token: str = "<|endoftext|>") -> CLIPTokenizer:
     """The CLIP BPE tokenizer of Stable Diffusion v1 (49408 tokens), built offline.
 
     Built from CLIP's byte-pair merges, shipped in sae_utils/data (MIT, OpenAI; see NOTICE.md), the way
     CLIP builds its vocabulary: 256 byte symbols, the same with the end-of-word mark, one token per merge,
-    and the start and end tokens.
+    and the start and end tokens. pad_token: SD 1.x pads with the end token; `clip_tokenizer("!")` is the
+    OpenCLIP tokenizer of SD 2.x and SDXL's tokenizer_2 (the same vocabulary, padding with "!", id 0).
     """
     bpe_path = Path(__file__).parent / "data" / "bpe_simple_vocab_16e6.txt.gz"
     lines = gzip.open(bpe_path).read().decode("utf-8").split("\n")
@@ -70,7 +75,7 @@ def clip_tokenizer() -> CLIPTokenizer:
     vocab = byte_symbols + [s + "</w>" for s in byte_symbols] + ["".join(m) for m in merges]
     vocab += ["<|startoftext|>", "<|endoftext|>"]
     tokenizer = CLIPTokenizer(vocab={s: i for i, s in enumerate(vocab)}, merges=merges,
-                              model_max_length=MAX_TOKENS)
+                              model_max_length=MAX_TOKENS, pad_token=pad_token)
     check_tokenizer(tokenizer, where=str(bpe_path))
     return tokenizer
 
@@ -80,7 +85,7 @@ def check_tokenizer(tokenizer, where: str = "") -> None:
     if len(tokenizer) != CLIP_VOCAB_SIZE or tokenizer("a cat").input_ids != [49406, 320, 2368, 49407]:
         raise ModelNotAvailableError(
             f"The tokenizer loaded from {where or 'the pipeline'} is not the CLIP tokenizer of Stable Diffusion "
-            f"v1 ({len(tokenizer)} tokens, expected {CLIP_VOCAB_SIZE}). Check that the folder holds "
+            f"({len(tokenizer)} tokens, expected {CLIP_VOCAB_SIZE}). Check that the folder holds "
             "tokenizer files, or use sae_utils.models.clip_tokenizer().")
 
 
@@ -171,17 +176,19 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 def load_pipeline(model: str | os.PathLike = DEFAULT_MODEL, device: str | torch.device = "auto",
                   dtype: str | torch.dtype | None = None, safety_checker: bool = True,
                   progress_bar: bool = False) -> StableDiffusionPipeline:
-    """A `StableDiffusionPipeline` from a name: `"tiny"`, `"toy"`, a local folder, or a hub id.
+    """A pipeline from a name: a twin (`"tiny"` = SD 1.x, `"tiny-sd2"`, `"tiny-sdxl"`), `"toy"`, a family
+    (`"sd1"`, `"sd2"`, `"sd2-base"`, `"sdxl"`: its official checkpoint), a local folder, or a hub id.
 
-    device: `"auto"` (CUDA, MPS, else CPU) or any torch device. dtype: `None` = float16 on a GPU, float32 on
+    SD 1.x and 2.x load as `StableDiffusionPipeline`, SDXL as `StableDiffusionXLPipeline` (the folder's
+    model_index.json decides); other pipelines are refused. device: `"auto"` (CUDA, MPS, else CPU) or any torch device. dtype: `None` = float16 on a GPU, float32 on
     the CPU. safety_checker: keep the checkpoint's NSFW filter (a real checkpoint only). A hub id that is
     neither cached nor reachable raises `ModelNotAvailableError` at once instead of retrying for minutes.
     """
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
-    name = str(model)
-    if name == "tiny":
-        pipe = tiny_pipeline()
+    name = ALIASES.get(str(model), str(model))
+    if name in TINY_MODELS:
+        pipe = tiny_twin(TINY_MODELS[name])
     elif name == "toy":
         if not (TOY_MODEL_DIR / "model_index.json").exists():
             raise ModelNotAvailableError(
@@ -200,7 +207,9 @@ def load_pipeline(model: str | os.PathLike = DEFAULT_MODEL, device: str | torch.
             "Check the path; a hub id looks like 'CompVis/stable-diffusion-v1-4'.")
     else:
         pipe = _from_hub(name, dtype, safety_checker)
-    check_tokenizer(pipe.tokenizer, where=name)
+    for tokenizer in (pipe.tokenizer, getattr(pipe, "tokenizer_2", None)):
+        if tokenizer is not None:
+            check_tokenizer(tokenizer, where=name)
     pipe.set_progress_bar_config(disable=not progress_bar)
     pipe.to(device)
     if pipe.unet.dtype != dtype:  # casting a float32 model to float32 only earns a diffusers warning
@@ -212,8 +221,10 @@ def portable_model_name(model: str | os.PathLike) -> str:
     """How a delta names its base model: a hub id as it is, "toy" for the shipped toy model, and a local folder
     by its own name, not by this machine's path (which means nothing elsewhere)."""
     name = str(model)
-    if name in ("tiny", "toy"):
+    if name in TINY_MODELS or name == "toy":
         return name
+    if name in ALIASES:
+        return ALIASES[name]
     path = Path(name).expanduser()
     if path.is_dir():
         return "toy" if path.resolve() == TOY_MODEL_DIR.resolve() else path.resolve().name
@@ -227,10 +238,10 @@ def _could_be_hub_id(name: str) -> bool:
 
 
 def model_family(pipe) -> str:
-    """"sd1" or "sd2": what a method's official settings depend on. SD 2.x's OpenCLIP tokenizer pads with "!" (id 0),
-    SD 1.x's CLIP tokenizer with the end token; the toy and tiny models use SD 1's tokenizer and layout."""
-    tokenizer = pipe.tokenizer
-    return "sd1" if tokenizer.pad_token_id == tokenizer.eos_token_id else "sd2"
+    """"sd1", "sd2" or "sdxl": what a method's official settings depend on (see `families.family_of`). SD 2.x's
+    OpenCLIP tokenizer pads with "!" (id 0), SD 1.x's CLIP tokenizer with the end token; SDXL has two text encoders;
+    the toy and tiny models use SD 1's tokenizer and layout."""
+    return family_of(pipe)
 
 
 def model_info(pipe) -> dict:
@@ -254,7 +265,8 @@ def _from_hub(repo_id: str, dtype: torch.dtype, safety_checker: bool) -> StableD
         raise ModelNotAvailableError(
             f"Cannot load {repo_id!r}: it is not in the local Hugging Face cache{folder} and {why}. Download it on a "
             "machine with internet (hf download ...) and pass the local folder, or use "
-            "model='toy' (the project's own trained model) or model='tiny' (random weights, for tests).")
+            f"model='toy' (the project's own trained model) or model={_twin_of(repo_id)!r} (random weights in its "
+            "layout, for tests).")
     try:
         return _from_pretrained(repo_id, dtype, safety_checker, local_files_only=False)
     except (OSError, ValueError) as error:  # not found, gated, a proxy's error page, a broken download, ...
@@ -264,11 +276,36 @@ def _from_hub(repo_id: str, dtype: torch.dtype, safety_checker: bool) -> StableD
             "local folder.") from error
 
 
+def _twin_of(name: str) -> str:
+    from .families import family_of_name
+
+    return FAMILIES[family_of_name(name) or "sd1"].tiny
+
+
 def _from_pretrained(source, dtype, safety_checker, local_files_only) -> StableDiffusionPipeline:
-    kwargs = {} if safety_checker else dict(safety_checker=None, requires_safety_checker=False)
+    pipeline_class = _pipeline_class(source, local_files_only)
+    kwargs = {} if safety_checker or pipeline_class is not StableDiffusionPipeline else \
+        dict(safety_checker=None, requires_safety_checker=False)  # SDXL has no safety checker
     # diffusers renamed torch_dtype to dtype in 2026 (PR 14205); Colab images may carry an older release
     kwargs["dtype" if _diffusers_takes_dtype() else "torch_dtype"] = dtype
-    return StableDiffusionPipeline.from_pretrained(source, local_files_only=local_files_only, **kwargs)
+    return pipeline_class.from_pretrained(source, local_files_only=local_files_only, **kwargs)
+
+
+def _pipeline_class(source, local_files_only):
+    """StableDiffusionPipeline or StableDiffusionXLPipeline, as the checkpoint's model_index.json says."""
+    from diffusers import DiffusionPipeline, StableDiffusionXLPipeline
+
+    index = Path(source) / "model_index.json"
+    config = json.loads(index.read_text()) if index.is_file() else \
+        DiffusionPipeline.load_config(str(source), local_files_only=local_files_only)  # OSError when absent
+    name = config.get("_class_name", "StableDiffusionPipeline")
+    classes = {FAMILIES["sd1"].pipeline_class: StableDiffusionPipeline,
+               FAMILIES["sdxl"].pipeline_class: StableDiffusionXLPipeline}
+    if name not in classes:
+        raise ModelNotAvailableError(
+            f"{str(source)!r} is a {name}; sae_utils runs text-to-image StableDiffusionPipeline (SD 1.x, 2.x) and "
+            "StableDiffusionXLPipeline (SDXL base) checkpoints. Pass one of those (e.g. 'sdxl', 'sd2').")
+    return classes[name]
 
 
 def _diffusers_takes_dtype() -> bool:

@@ -406,7 +406,7 @@ def sample_batch(pipe, method: str, prompt: str, words: Sequence[str], seeds: Se
         with capture as store:
             output = pipe(prompt, num_images_per_prompt=len(seeds), generator=generators, **settings)
         word_maps = store.word_maps(prompt, list(words)).float().cpu() if capture_attention else None
-        nsfw = output.nsfw_content_detected
+        nsfw = getattr(output, "nsfw_content_detected", None)  # SDXL has no safety checker
         for record, flagged in zip(per_image, nsfw or [None] * len(seeds)):
             record["nsfw"] = None if flagged is None else bool(flagged)
         return {"images": output.images, "word_maps": word_maps, "per_image": per_image}

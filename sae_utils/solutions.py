@@ -106,6 +106,7 @@ def kv_names_solution(unet) -> list[str]:
 def training_step_solution(pipe, noise_scheduler, prompt, words, generator, batch_size=4):
     """One data-free SepEn step up to backward; returns the loss, the keys' gradients in their .grad."""
     from sae_utils.attention import capture_cross_attention
+    from sae_utils.conditioning import unet_conditions
     from sae_utils.losses import sepen_loss
 
     unet = pipe.unet
@@ -121,13 +122,12 @@ def training_step_solution(pipe, noise_scheduler, prompt, words, generator, batc
     t = torch.randint(0, 1000, (batch_size,), generator=generator)  # 0..999: the upper bound is exclusive
     noisy = noise_scheduler.add_noise(z0, noise, t).to(unet.device, unet.dtype)
 
-    ids = pipe.tokenizer([prompt] * batch_size, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                         truncation=True, return_tensors="pt").input_ids
-    with torch.no_grad():  # the text encoder is frozen
-        text = pipe.text_encoder(ids.to(pipe.text_encoder.device))[0].to(unet.dtype)
+    # the frozen text encoder on the prompt padded to 77 tokens: pipe.text_encoder(pipe.tokenizer(...).input_ids)[0]
+    # as encoder_hidden_states; unet_conditions does it for every family (SDXL: two encoders, + pooled text, size ids)
+    text = unet_conditions(pipe, [prompt] * batch_size)
 
     with capture_cross_attention(pipe, keep="last") as store:  # the model's map level
-        unet(noisy, t.to(unet.device), encoder_hidden_states=text)
+        unet(noisy, t.to(unet.device), **text)
     maps = store.word_maps(prompt, words)  # (B, 2, h, w), with their autograd graph
     loss = sepen_loss(maps).mean()  # 1 x separate + 0.5 x enhance, averaged over the batch
     loss.backward()
