@@ -5,7 +5,9 @@
     maps = store.word_maps("a cat and a dog", ["cat", "dog"])   # (B, 2, 16, 16)
 
 Which layers: each model reads its object-level maps at one level, `map_resolution(model)`: for Stable
-Diffusion v1 at 512 px the 16x16 layers (as SepEn and Attend-and-Excite), for the toy model 8x8.
+Diffusion v1 at 512 px the 16x16 layers (as SepEn and Attend-and-Excite), SD 2.x at 768 px 24x24, SDXL at 1024 px
+32x32, the toy model 8x8. SDXL's UNet also reads pooled text and time ids: call it with
+`sae_utils.conditioning.unet_conditions(pipe, prompts)`.
 
 How it works, in diffusers' own terms: every `Attention` module delegates its computation to a processor.
 On the chosen cross-attention layers, `capture_cross_attention` installs a `CrossAttentionCaptureProcessor`,
@@ -65,7 +67,15 @@ def map_resolution(model, latent_size: int | None = None) -> int:
     is the deepest cross-attention level of the UNet's down blocks, where an object covers a few map pixels:
     Stable Diffusion v1 and v2 at their native sizes 16x16 and 24x24 (latents / 4), the toy model 8x8 (latents / 2;
     its 16x16 layers are the counterpart of SD's 64x64 ones), `tiny` 8x8 (the same layers as SD v1's 16x16 ones).
-    The mid block is not counted: at the bottom of the UNet its maps are too coarse to place objects (SD v1: 8x8).
+    The mid block is not counted when it lies deeper: at the bottom of SD's UNet its maps are too coarse to place
+    objects (SD v1: 8x8).
+
+    SDXL at 1024 px: 32x32 (latents / 4). Its cross-attention runs only at 64x64 and 32x32 (none at 128x128), and
+    32x32 is where it does most of it: 60 of its 70 layers (10 transformer blocks in each of down_blocks.2's, the
+    mid block's and up_blocks.0's attention modules; SDXL has no lower level, so its mid block shares it). One map
+    pixel covers 32x32 image pixels, as SD v1's 16x16 maps do at 512 px and SD 2's 24x24 at 768 px: the same object
+    scale, the level SepEn and Attend-and-Excite chose for SD. Not measured against 64x64 (that needs the real
+    weights); `resolution=64` or `map_resolution=64` (finetuning) reads the other level.
 
     model: a pipeline or a bare UNet. latent_size: the latent's side if not the UNet's `sample_size` (another image
     size keeps the level, so the resolution scales with it).

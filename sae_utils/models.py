@@ -217,6 +217,12 @@ def load_pipeline(model: str | os.PathLike = DEFAULT_MODEL, device: str | torch.
     return pipe
 
 
+def is_twin(model: str | os.PathLike) -> bool:
+    """True for a random-weight twin ("tiny", "tiny-sd1", "tiny-sd2", "tiny-sdxl"): noise for images, numbers that
+    mean nothing; the notebooks use it to pick CI-sized defaults."""
+    return str(model) in TINY_MODELS
+
+
 def portable_model_name(model: str | os.PathLike) -> str:
     """How a delta names its base model: a hub id as it is, "toy" for the shipped toy model, and a local folder
     by its own name, not by this machine's path (which means nothing elsewhere)."""

@@ -251,7 +251,8 @@ def browse_maps(store, image, tokens: Sequence[tuple[int, str]], interactive: bo
     batch element `index`. tokens: (position, text) pairs. interactive: sliders (ipywidgets, in a running
     notebook kernel) for the step ("mean" = all steps) and the layer ("all layers" = their mean), returning
     the widget. Otherwise, or without ipywidgets or a kernel, a static Figure: rows = `num_steps_shown` evenly
-    spaced steps x tokens, columns = the layers and their mean, one colour scale per token.
+    spaced steps x tokens, columns = the layers (at most 7, evenly spaced: SDXL has 60) and the mean of all of them,
+    one colour scale per token.
     """
     if store.keep != "steps":
         raise ValueError(f"browse_maps needs every step, but this store keeps {store.keep!r}: capture with "
@@ -319,10 +320,16 @@ def _browse_widget(store, image, tokens, index):
     return widgets.VBox([widgets.HBox([step, layer]), out])
 
 
+MAX_LAYER_COLUMNS = 8  # the static grid's layer columns, "all layers" included
+
+
 def _browse_static(store, image, tokens, index, num_steps_shown) -> Figure:
     image = _as_image(image)
     steps = sorted(set(np.linspace(0, store.num_steps - 1, min(num_steps_shown, store.num_steps)).round().astype(int)))
-    columns = [(short_layer_name(n), [n]) for n in store.layers] + [("all layers", None)]
+    layers = list(store.layers)
+    if len(layers) > MAX_LAYER_COLUMNS:  # SDXL reads 60 layers: show a few, evenly spaced, and the mean of all
+        layers = [layers[i] for i in np.linspace(0, len(layers) - 1, MAX_LAYER_COLUMNS - 1).round().astype(int)]
+    columns = [(short_layer_name(n), [n]) for n in layers] + [("all layers", None)]
     # maps[s][c]: (T, h, w) of image `index` at step s, layer column c
     maps = [[store.token_maps(step=int(s), layers=layers)[index].detach().float().cpu() for _, layers in columns]
             for s in steps]
@@ -334,7 +341,8 @@ def _browse_static(store, image, tokens, index, num_steps_shown) -> Figure:
                 ax = axes[(s * len(tokens) + t) * len(columns) + c]
                 _overlay(ax, image, m[position], vmax, 0.6)
                 ax.set_title(f"{columns[c][0]}\nstep {steps[s]} · {text}", fontsize=7)
-    fig.suptitle("token maps per step (rows) and layer (columns); one colour scale per token", fontsize=9)
+    shown = "" if len(layers) == len(store.layers) else f" ({len(layers)} of the {len(store.layers)} layers)"
+    fig.suptitle(f"token maps per step (rows) and layer (columns{shown}); one colour scale per token", fontsize=9)
     return fig
 
 
