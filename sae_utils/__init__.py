@@ -4,10 +4,13 @@ The course follows the data, one module a step:
 
     tokens      word -> token positions            token_positions, word_token_positions
     models      a StableDiffusionPipeline           load_pipeline("CompVis/stable-diffusion-v1-4" | "toy" | "tiny")
+    families    SD 1.x, 2.x, XL and their twins     family_of, load_pipeline("sdxl" | "tiny-sdxl" | "tiny-sd2")
+    conditioning  what each family's UNet reads     unet_conditions(pipe, prompts)
     attention   capture cross-attention maps        capture_cross_attention(pipe) -> store
     maps        word maps, failure signals          gather_word_maps, peak_activation, overlap, attention_stats
     losses      the two losses                      separate_loss, enhance_loss, sepen_loss
     finetune    train the keys, data-free           FinetuneConfig, Finetuner, preset
+    memory      presets per family and card         memory_preset("sdxl", "t4")
     delta       the trained tensors on disk         save_delta, load_delta, apply_delta
     sampling    images for prompts x seeds          sampler_defaults
     toyworld    a shape world and its own model     (sae_utils.toyworld)
