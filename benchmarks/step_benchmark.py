@@ -57,6 +57,7 @@ class Bench:
         self.args = args
         self.device = torch.device("cpu" if args.smoke else "cuda")
         self.cuda = self.device.type == "cuda"
+        self.batch = 2 if args.smoke else 4  # smoke: every code path at half the work (batch 1 would hide batching)
 
     # -- helpers ---------------------------------------------------------------------------------------------
     def pipeline(self, dtype=torch.float32):
@@ -94,7 +95,7 @@ class Bench:
                 "output": output}
 
     def finetune_config(self, multi: bool, **settings) -> FinetuneConfig:
-        base = dict(model="benchmark", device=str(self.device), steps=10**6, batch_size=4, seed=0)
+        base = dict(model="benchmark", device=str(self.device), steps=10**6, batch_size=self.batch, seed=0)
         if self.args.smoke:
             base["device"] = "cpu"
         if multi:
@@ -148,14 +149,14 @@ class Bench:
         state = {"step": 0}
 
         def step():
-            samples = data.sampler.batch(0, state["step"], 0, 4)
-            noisy, timesteps = data.random_inputs(state["step"], 0, 4)
+            samples = data.sampler.batch(0, state["step"], 0, self.batch)
+            noisy, timesteps = data.random_inputs(state["step"], 0, self.batch)
             text = data.text_embeddings([s.prompt for s in samples])
             indices = torch.tensor([[token_positions(pipe.tokenizer, s.prompt, w)[0] for w in s.words] for s in samples])
             prior = None
             if multi:
                 prompts = [prior_prompt(s.words[0]).prompt for s in samples]
-                p_noisy, p_t = data.random_inputs(state["step"], 0, 4, stream=1)
+                p_noisy, p_t = data.random_inputs(state["step"], 0, self.batch, stream=1)
                 prior = (p_noisy, p_t, data.text_embeddings(prompts))
             state["step"] += 1
             return trainer.step(noisy, timesteps, text, indices, prior)
@@ -279,7 +280,7 @@ def markdown(results: dict) -> str:
     env, size = results["environment"], results["image_size"]
     lines = [f"# SepEn training step: project vs reference ({env['device']})", "",
              f"torch {env['torch']}, diffusers {env['diffusers']}, {env['date']}. Model: {results['model']}, "
-             f"batch 4, {size} px, K trainable. Ratios against the published reference (fp32).", ""]
+             f"batch {results.get('batch', 4)}, {size} px, K trainable. Ratios against the published reference (fp32).", ""]
     for name in ("step", "memory", "sampling", "full_run"):
         if isinstance(results.get(name), dict) and "error" in results[name]:
             lines += [f"Section {name} failed: {results[name]['error']}", ""]
@@ -342,6 +343,7 @@ def main(argv=None):
     results = {"environment": environment(bench.device), "smoke": args.smoke,
                "model": "tiny" if args.smoke else (args.model or "SD v1 architecture, random weights")}
     results["image_size"] = 64 if args.smoke else 512
+    results["batch"] = bench.batch
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     sections = {"step": bench.step_table, "memory": bench.memory_budget, "sampling": bench.sampling,
