@@ -152,12 +152,15 @@ def test_notebook_01_in_jupyterlab_widget_reacts_to_its_step_slider(tmp_path, ca
             # done when no cell is queued or running and the kernel is idle (Run All stops at an error)
             wait_for("the cells to run", lambda: "[*]:" not in (p := prompts()) and p[0] != "[ ]:" and idle(),
                      RUN_ALL_TIMEOUT, poll=3, explain=explain)
-            run_seconds = time.monotonic() - started
+            run_seconds, ran_until = time.monotonic() - started, time.time_ns()
 
-            # the notebook as the browser shows it: save it (Ctrl+S), then read what every cell produced
+            # the notebook as the browser shows it: save it (Ctrl+S), then read what every cell produced. Only a
+            # file written after the run ended counts: JupyterLab autosaves every 120 s, and a run longer than that
+            # (a loaded machine) leaves an autosave without the last cells' outputs, which read as "did not run".
+            path = work / NOTEBOOK.name
             browser.find_element(By.CSS_SELECTOR, "body").send_keys(Keys.CONTROL, "s")
             saved = wait_for("the browser to save the notebook",
-                             lambda: (n := json.loads((work / NOTEBOOK.name).read_text()))
+                             lambda: path.stat().st_mtime_ns > ran_until and (n := json.loads(path.read_text()))
                              and any(c.get("outputs") for c in n["cells"] if c["cell_type"] == "code") and n, 60)
             code = [c for c in saved["cells"] if c["cell_type"] == "code"]
             errors = [(i, o.get("ename"), o.get("evalue")) for i, c in enumerate(code) for o in c["outputs"]
