@@ -69,15 +69,18 @@ class WrongFamilyError(ValueError):
 def family_of(model) -> str:
     """"sd1", "sd2" or "sdxl" for a pipeline (or a bare UNet: then "sdxl" or "sd1"/"sd2" by its text width).
 
-    SDXL: a second text encoder / a UNet conditioned on added time ids. SD 2.x: a tokenizer that pads with "!"
-    (OpenCLIP's), not with the end token as SD 1.x's CLIP tokenizer does; the toy and `tiny` models are SD 1.x.
+    SDXL: a second text encoder / a UNet conditioned on added time ids. SD 2.x: OpenCLIP-H's 1024-wide tokens, or
+    a tokenizer that pads with "!" (OpenCLIP's), not with the end token as SD 1.x's CLIP tokenizer does (either
+    tells; `tiny-sd2` is told by its tokenizer); the toy and `tiny` models are SD 1.x.
     """
     unet = getattr(model, "unet", model)
     if getattr(model, "text_encoder_2", None) is not None or unet.config.get("addition_embed_type") == "text_time":
         return "sdxl"
+    if unet.config.cross_attention_dim == 1024:
+        return "sd2"
     tokenizer = getattr(model, "tokenizer", None)
-    if tokenizer is None:  # a bare UNet: SD 2.x reads OpenCLIP-H's 1024-wide tokens
-        return "sd2" if unet.config.cross_attention_dim == 1024 else "sd1"
+    if tokenizer is None:  # a bare UNet of narrower tokens: SD 1.x's layout
+        return "sd1"
     return "sd1" if tokenizer.pad_token_id == tokenizer.eos_token_id else "sd2"
 
 

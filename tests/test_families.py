@@ -15,8 +15,8 @@ from sae_utils.attention import capture_cross_attention, cross_attention_layers,
 from sae_utils.baselines import attend_and_excite, optimise_and_sample, sepen_test_time
 from sae_utils.conditioning import encode_prompts, unconditional, unet_conditions
 from sae_utils.delta import DeltaError, apply_delta, load_delta, save_delta, trainable_parameter_names
-from sae_utils.families import (ALIASES, FAMILIES, FAMILY_NAMES, SDXL_UNET_CONFIG, check_token_alignment, family_of,
-                                family_of_name, tokenizers)
+from sae_utils.families import (ALIASES, FAMILIES, FAMILY_NAMES, SDXL_UNET_CONFIG, attention_layout,
+                                check_token_alignment, family_of, family_of_name, real_unet_layout, tokenizers)
 from sae_utils.finetune import FinetuneConfig, Finetuner, preset
 from sae_utils.memory import MEMORY_PRESETS, memory_preset
 from sae_utils.models import ModelNotAvailableError, clip_tokenizer, load_pipeline
@@ -73,6 +73,13 @@ def test_the_real_sdxl_and_sd2_layouts_on_the_meta_device():
     values = sum(xl.get_parameter(n).numel() for n in names)
     assert len(names) == 70 and values == 170_393_600  # 340.8 MB in fp16: README's number
     assert len(layers_at_resolution(xl, 32)) == 60 and len(layers_at_resolution(xl, 64)) == 10
+    rows = attention_layout(xl)  # what notebook 01 shows
+    assert [(r["maps"], r["layers"], r["per module"], r["map level"]) for r in rows] == [
+        ("64x64", 10, 2, False), ("32x32", 60, 10, True)]
+    two = real_unet_layout("sd2")
+    values = sum(two.get_parameter(n).numel() for n in trainable_parameter_names(two, "k"))
+    assert map_resolution(two) == 24 and len(cross_attention_layers(two)) == 16 and values == 12_779_520
+    assert family_of(two) == "sd2" and family_of(xl) == "sdxl" and family_of(real_unet_layout("sd1")) == "sd1"
 
 
 @pytest.mark.parametrize("name", ["sd1", "sd2", "sd2-base", "sdxl", "stabilityai/stable-diffusion-xl-base-1.0",
