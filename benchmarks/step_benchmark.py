@@ -277,10 +277,10 @@ def environment(device: torch.device) -> dict:
 
 
 def markdown(results: dict) -> str:
-    env, size = results["environment"], results["image_size"]
+    env, size, batch = results["environment"], results["image_size"], results.get("batch", 4)
     lines = [f"# SepEn training step: project vs reference ({env['device']})", "",
              f"torch {env['torch']}, diffusers {env['diffusers']}, {env['date']}. Model: {results['model']}, "
-             f"batch {results.get('batch', 4)}, {size} px, K trainable. Ratios against the published reference (fp32).", ""]
+             f"batch {batch}, {size} px, K trainable. Ratios against the published reference (fp32).", ""]
     for name in ("step", "memory", "sampling", "full_run"):
         if isinstance(results.get(name), dict) and "error" in results[name]:
             lines += [f"Section {name} failed: {results[name]['error']}", ""]
