@@ -286,3 +286,34 @@ def test_the_sd2_tokenizer_is_the_same_bpe_with_another_padding():
     one, two = clip_tokenizer(), clip_tokenizer("!")
     assert len(one) == len(two) == 49408 and one.get_vocab() == two.get_vocab()
     assert (one.pad_token_id, two.pad_token_id) == (49407, 0)
+
+
+def test_the_sdxl_t4_preset_makes_the_same_update_as_batch_4():
+    """What the T4 preset changes for SDXL (batch 1 x 4 accumulation, gradient checkpointing) leaves the update as
+    batch 4 makes it, up to float rounding; the norm loss runs on SDXL's conditioning."""
+    t4 = memory_preset("sdxl", "t4").settings
+    runs = {}
+    for label, settings in (("batch 4", dict(batch_size=4)),
+                            ("t4", {k: v for k, v in t4.items() if k != "mixed_precision"})):  # fp32 on the CPU
+        finetuner = _finetuner("sdxl", **settings)
+        try:
+            finetuner.train_step()
+            runs[label] = [p.detach().clone() for p in finetuner.parameters]
+            moved = [not torch.equal(p, o) for p, o in zip(finetuner.parameters, finetuner.originals)]
+        finally:
+            finetuner.finish()
+            finetuner.restore_base()
+        assert sum(moved) == 64
+    # AdamW's first step moves a key by about 4e-2 (lr 1e-2 x 4), dividing its gradient by |g| + 1e-8: the summation
+    # order's rounding matters most where |g| is near 1e-8. 0.1 % of the step (seen: at most 1.2e-5, 1 in 4096 > 1e-5)
+    for a, b in zip(runs["batch 4"], runs["t4"]):
+        torch.testing.assert_close(a, b, rtol=0, atol=4e-5)
+    for extra in (dict(norm_loss_weight=0.5),):
+        finetuner = _finetuner("sdxl", **extra)
+        try:
+            finetuner.train_step()
+            entry = finetuner.train_step()  # the keys have moved: the norm loss is no longer 0
+        finally:
+            finetuner.finish()
+            finetuner.restore_base()
+        assert entry["loss"] > 0 and (entry["norm"] > 0) == ("norm_loss_weight" in extra)
