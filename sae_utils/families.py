@@ -41,20 +41,21 @@ class Family:
     official_ids: tuple[str, ...]
     tiny: str  # the name of its random-weight twin for `load_pipeline`
     native: str  # its native image size and prediction type, in words
+    map_side: int  # where its object-level maps live: their side at the default checkpoint's native size
 
 
 FAMILIES = {
     "sd1": Family("sd1", "Stable Diffusion 1.x", "StableDiffusionPipeline", "CompVis/stable-diffusion-v1-4",
                   ("CompVis/stable-diffusion-v1-4", "CompVis/stable-diffusion-v1-1", "CompVis/stable-diffusion-v1-2",
                    "CompVis/stable-diffusion-v1-3", "stable-diffusion-v1-5/stable-diffusion-v1-5",
-                   "runwayml/stable-diffusion-v1-5"), "tiny", "512 px, epsilon"),
+                   "runwayml/stable-diffusion-v1-5"), "tiny", "512 px, epsilon", 16),
     "sd2": Family("sd2", "Stable Diffusion 2.x", "StableDiffusionPipeline", "stabilityai/stable-diffusion-2-1",
                   ("stabilityai/stable-diffusion-2-1", "stabilityai/stable-diffusion-2",
                    "stabilityai/stable-diffusion-2-1-base", "stabilityai/stable-diffusion-2-base"), "tiny-sd2",
-                  "768 px, v-prediction (2.0, 2.1); 512 px, epsilon (the -base models)"),
+                  "768 px, v-prediction (2.0, 2.1); 512 px, epsilon (the -base models)", 24),
     "sdxl": Family("sdxl", "Stable Diffusion XL", "StableDiffusionXLPipeline",
                    "stabilityai/stable-diffusion-xl-base-1.0", ("stabilityai/stable-diffusion-xl-base-1.0",),
-                   "tiny-sdxl", "1024 px, epsilon"),
+                   "tiny-sdxl", "1024 px, epsilon", 32),
 }
 # Names `load_pipeline` understands besides ids and folders: a family's name loads its official checkpoint.
 ALIASES = {"sd1": FAMILIES["sd1"].default_id, "sd2": FAMILIES["sd2"].default_id,

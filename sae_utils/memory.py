@@ -38,6 +38,7 @@ class MemoryPreset:
     estimate: str  # the peak it is expected to reach, and how that was worked out ("" when measured)
     changes: str = ""  # what the settings change in the run, against the paper's batch 4 at the native size
     alternatives: dict = field(default_factory=dict)  # name -> settings, if the preset turns out not to fit
+    measured: str = ""  # the measured peak, and where it was measured ("" when not yet measured)
 
 
 SDXL_T4_NOTE = (
@@ -48,9 +49,12 @@ SDXL_T4_NOTE = (
 
 MEMORY_PRESETS = {
     ("sd1", "t4"): MemoryPreset("sd1", "t4", dict(mixed_precision="fp16", batch_size=4), "measured",
-                                "", "none: the paper's batch 4 at 512 px"),
+                                "", "none: the paper's batch 4 at 512 px",
+                                measured="4.1 GiB under a 15 GiB cap (an H200; notebook 03's table)"),
     ("sd1", "24gb"): MemoryPreset("sd1", "24gb", dict(mixed_precision="auto", batch_size=4), "measured",
-                                  "", "none (bf16 where the card has it)"),
+                                  "", "none (bf16 where the card has it)",
+                                  measured="fp16 as on the T4, 4.1 GiB; bf16 2.36 GiB with compile='cuda-graph' "
+                                           "(an H200; README's Performance table)"),
     ("sd2", "t4"): MemoryPreset(
         "sd2", "t4", dict(mixed_precision="fp16", batch_size=4), "not yet measured",
         "estimate 5.4 GiB + overheads, about 6 GiB: 2.40 GiB of fp16 weights + 0.22 GiB of keys and optimizer + "
@@ -89,8 +93,9 @@ def memory_preset(family: str, card: str) -> MemoryPreset:
 
 def memory_table() -> str:
     """Every preset as a markdown table (the README's and notebook 03's)."""
-    rows = ["| family | card | settings | status | estimate |", "|---|---|---|---|---|"]
+    rows = ["| family | card | settings | status | peak |", "|---|---|---|---|---|"]
     for preset in MEMORY_PRESETS.values():
         settings = ", ".join(f"{k}={v}" for k, v in preset.settings.items())
-        rows.append(f"| {preset.family} | {preset.card} | {settings} | {preset.status} | {preset.estimate or '-'} |")
+        rows.append(f"| {preset.family} | {preset.card} | {settings} | {preset.status} | "
+                    f"{preset.measured or preset.estimate} |")
     return "\n".join(rows)
