@@ -286,3 +286,58 @@ def attention_layout(model, latent_size: int | None = None) -> list[dict]:
     for row in rows.values():
         row["blocks"] = ", ".join(row["blocks"])
     return [rows[side] for side in sorted(rows, reverse=True)]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The real architectures with random weights: speed and memory without the checkpoints
+# ----------------------------------------------------------------------------------------------------------
+def full_size_pipeline(family: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                       seed: int = 0):
+    """The family's full architecture (SD 1.x's via `models.sd_v1_pipeline`; SD 2.1's; SDXL base's: its UNet, both
+    text encoders, its autoencoder) with random weights, built directly on `device` (`"meta"`: shapes only, no
+    memory): for measuring memory and speed where the checkpoints cannot be downloaded. Its images are noise; its
+    shapes, speed and memory are the family's."""
+    from diffusers import (AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline,
+                           StableDiffusionXLPipeline, UNet2DConditionModel)
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    from .models import SD_V1_SCHEDULER_CONFIG, clip_tokenizer, sd_v1_pipeline
+
+    if family == "sd1":
+        return sd_v1_pipeline(device, dtype, seed)
+    if family not in FAMILIES:
+        raise ValueError(f"Unknown family {family!r}; the families are {list(FAMILY_NAMES)}.")
+    device = torch.device(device)
+    side = 768 if family == "sd2" else 1024
+
+    def text(hidden: int, layers: int, heads: int, act: str, projection: int, pad: int, with_projection=False):
+        config = _text_config(hidden, act, pad, projection_dim=projection)
+        config.intermediate_size, config.num_hidden_layers, config.num_attention_heads = 4 * hidden, layers, heads
+        return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
+
+    with torch.random.fork_rng(devices=[]), device:
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(**(SD2_UNET_CONFIG if family == "sd2" else SDXL_UNET_CONFIG))
+        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
+                            layers_per_block=2, down_block_types=("DownEncoderBlock2D",) * 4,
+                            up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32, sample_size=side,
+                            scaling_factor=0.18215 if family == "sd2" else 0.13025,
+                            force_upcast=family == "sdxl")
+        if family == "sd2":  # OpenCLIP ViT-H/14's text tower: 23 layers as SD 2 uses it (the penultimate of 24)
+            encoders = [text(1024, 23, 16, "gelu", 512, pad=0)]
+        else:  # CLIP ViT-L/14 and OpenCLIP ViT-bigG/14's text towers
+            encoders = [text(768, 12, 12, "quick_gelu", 768, pad=49407),
+                        text(1280, 32, 20, "gelu", 1280, pad=0, with_projection=True)]
+    if family == "sd2":
+        scheduler = DDIMScheduler(**{k: v for k, v in SD_V1_SCHEDULER_CONFIG.items() if k != "skip_prk_steps"},
+                                  clip_sample=False, prediction_type="v_prediction")
+        pipe = StableDiffusionPipeline(vae=vae, text_encoder=encoders[0], tokenizer=clip_tokenizer("!"), unet=unet,
+                                       scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+    else:
+        pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=encoders[0], text_encoder_2=encoders[1],
+                                         tokenizer=clip_tokenizer(), tokenizer_2=clip_tokenizer("!"), unet=unet,
+                                         scheduler=EulerDiscreteScheduler(**SDXL_SCHEDULER_CONFIG),
+                                         add_watermarker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)

@@ -4,8 +4,9 @@
     preset("t4", model="sdxl", pairs=[("cat", "dog")])   # a FinetuneConfig with them (sae_utils.finetune)
 
 Only SD 1.x's presets were measured (an H200 capped to the card's memory; README: the course's defaults peak at
-4.1 GiB). The SD 2.x and SDXL ones are **not yet measured**: no GPU was available when they were written. Their
-numbers are estimates, and each says its arithmetic:
+4.1 GiB). The SD 2.x and SDXL ones are **not yet measured**: no GPU was available when they were written
+(`python benchmarks/family_memory.py` measures them all on one, with the real architectures' random weights).
+Their numbers are estimates, and each says its arithmetic:
 
 - weights in fp16, 2 bytes a value: SDXL's UNet 2,567 M values (4.78 GiB), its text encoders 123 M + 695 M
   (1.52 GiB), its autoencoder 84 M (0.16 GiB); SD 2.x: 865 M (1.61 GiB), 340 M (0.63 GiB), 84 M (0.16 GiB);

@@ -16,7 +16,8 @@ from sae_utils.baselines import attend_and_excite, optimise_and_sample, sepen_te
 from sae_utils.conditioning import encode_prompts, unconditional, unet_conditions
 from sae_utils.delta import DeltaError, apply_delta, load_delta, save_delta, trainable_parameter_names
 from sae_utils.families import (ALIASES, FAMILIES, FAMILY_NAMES, SDXL_UNET_CONFIG, attention_layout,
-                                check_token_alignment, family_of, family_of_name, real_unet_layout, tokenizers)
+                                check_token_alignment, family_of, family_of_name, full_size_pipeline,
+                                real_unet_layout, tokenizers)
 from sae_utils.finetune import FinetuneConfig, Finetuner, preset
 from sae_utils.memory import MEMORY_PRESETS, memory_preset
 from sae_utils.models import ModelNotAvailableError, clip_tokenizer, load_pipeline
@@ -82,6 +83,18 @@ def test_the_real_sdxl_and_sd2_layouts_on_the_meta_device():
     assert family_of(two) == "sd2" and family_of(xl) == "sdxl" and family_of(real_unet_layout("sd1")) == "sd1"
     for name in FAMILY_NAMES:  # where each family says its maps live is where the architecture's rule finds them
         assert map_resolution(real_unet_layout(name)) == FAMILIES[name].map_side
+
+
+def test_the_full_size_architectures_have_the_counts_the_memory_estimates_use():
+    """benchmarks/family_memory.py measures these on a GPU; sae_utils/memory.py's arithmetic counts their values."""
+    count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+    xl, two = full_size_pipeline("sdxl", "meta", torch.float16), full_size_pipeline("sd2", "meta", torch.float16)
+    assert isinstance(xl, StableDiffusionXLPipeline) and family_of(xl) == "sdxl" and family_of(two) == "sd2"
+    assert (count(xl.unet), count(xl.text_encoder), count(xl.text_encoder_2), count(xl.vae)) == (
+        2_567_463_684, 123_060_480, 694_659_840, 83_653_863)
+    assert (count(two.unet), count(two.text_encoder)) == (865_910_724, 340_387_840)
+    fp16_gib = (count(xl.unet) + count(xl.text_encoder) + count(xl.text_encoder_2) + count(xl.vae)) * 2 / 2 ** 30
+    assert round(fp16_gib, 2) == 6.46  # memory.py: "6.46 GiB of fp16 weights"
 
 
 @pytest.mark.parametrize("name", ["sd1", "sd2", "sd2-base", "sdxl", "stabilityai/stable-diffusion-xl-base-1.0",
