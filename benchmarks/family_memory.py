@@ -1,7 +1,7 @@
 """Measure the memory presets of every model family (sae_utils.memory) on a GPU: what the README calls estimates.
 
-    python benchmarks/family_memory.py --out benchmarks/results/family_memory      # a CUDA GPU, about 10 minutes
-    python benchmarks/family_memory.py --smoke --out /tmp/family_memory            # CPU: the twins, the code path (2 min)
+    python benchmarks/family_memory.py --out benchmarks/results/family_memory  # a CUDA GPU, about 10 minutes
+    python benchmarks/family_memory.py --smoke --out /tmp/family_memory      # CPU: the twins, the code path (2 min)
 
 For SD 1.x, SD 2.x and SDXL, and each card ("t4": a 15 GiB cap, fp16; "24gb": a 24 GiB cap), it builds the family's
 full architecture with random weights on the GPU (`families.full_size_pipeline`: memory and speed depend on the
@@ -94,7 +94,8 @@ def main() -> None:
     (out / "family_memory.json").write_text(json.dumps({"device": device, "torch": torch.__version__,
                                                         "rows": rows}, indent=1))
     lines = [f"Device: {device}; caps: t4 15 GiB, 24gb 24 GiB; random weights.", "",
-             "| family | card | run | fits | peak allocated | peak reserved | s/step |", "|---|---|---|---|---|---|---|"]
+             "| family | card | run | fits | peak allocated | peak reserved | s/step |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['family']} | {r['card']} | {r['run']} | {r['fits']} | {r.get('peak_allocated_gib', '-')} "
                      f"| {r.get('peak_reserved_gib', '-')} | {r.get('seconds_per_step', '-')} |")

@@ -8,8 +8,8 @@
         images = other_pipe("a cat and a dog").images        # the original weights are back after the block
 
 A delta records its model family ("sd1", "sd2", "sdxl"; sae_utils.families) and is refused by a pipeline of another
-family, with a message naming both. It applies to any UNet of the architecture it was trained on (same `architecture_fingerprint`: e.g. SD v1.4,
-v1.5 and their finetunes) and is undone bitwise. Everything is checked before a single weight changes, so a
+family, with a message naming both. It applies to any UNet of the architecture it was trained on (same
+`architecture_fingerprint`: e.g. SD v1.4, v1.5 and their finetunes) and is undone bitwise. Everything is checked before a single weight changes, so a
 rejected delta leaves the pipeline as it was. The metadata is JSON, stored as the safetensors header's string
 metadata under the key "sae_utils"; nothing is pickled. A saved delta carries the sha256 of its content (tensors
 and metadata, `content_sha256`), so a file with one changed byte is refused on loading.
@@ -114,8 +114,8 @@ class Delta:
     """Trained tensors (parameter name -> value, CPU) and their metadata (JSON-able dict).
 
     metadata keys set by `extract_delta`: format_version, base_model, family, fingerprint, architecture, trainable,
-    layers, tensors (name -> shape), dtype, sae_utils_version, created; the caller adds concepts, prompts, training_config,
-    or anything else JSON-able.
+    layers, tensors (name -> shape), dtype, sae_utils_version, created; the caller adds concepts, prompts,
+    training_config, or anything else JSON-able.
     """
     tensors: dict[str, torch.Tensor]
     metadata: dict = field(default_factory=dict)

@@ -32,14 +32,14 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import delta as deltas
 from . import conditioning
+from . import delta as deltas
 from .attention import capture_cross_attention, forward_until_captured, map_resolution
 from .checkpoint import (CheckpointError, atomic_write, check_writable, find_checkpoint, load_checkpoint,
                          optimizer_from_tensors, optimizer_to_tensors, remove_orphans, save_checkpoint)
+from .families import check_token_alignment, family_of
 from .losses import sepen_loss_terms, sepen_loss_terms_per_slice
 from .maps import released_head_stack
-from .families import check_token_alignment, family_of
 from .models import DEFAULT_MODEL, load_pipeline, model_info, portable_model_name
 from .prompts import PRIOR_TEMPLATE, TRAIN_TEMPLATE, PairPrompt, PairSampler, prior_prompt
 from .tokens import check_prompt_length, occurrence_at, word_spans, word_token_positions
@@ -361,7 +361,8 @@ class Finetuner:
     def _text_inputs(self, prompts: Sequence[str], prefix: str = "") -> dict:
         """{"text": (B, 77, D)} and for SDXL {"pooled": (B, P)}: what a step's UNet calls read."""
         pooled = self.pooled_embeddings(prompts)
-        return {f"{prefix}text": self.text_embeddings(prompts), **({} if pooled is None else {f"{prefix}pooled": pooled})}
+        extra = {} if pooled is None else {f"{prefix}pooled": pooled}
+        return {f"{prefix}text": self.text_embeddings(prompts), **extra}
 
     def random_inputs(self, step: int, start: int, size: int, stream: int = 0):
         """Latents, noise and timesteps of samples start..start+size-1 of the global batch of `step`."""

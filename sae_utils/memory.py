@@ -86,7 +86,8 @@ MEMORY_PRESETS = {
 def memory_preset(family: str, card: str) -> MemoryPreset:
     """The preset of `family` ("sd1", "sd2", "sdxl") on `card` ("t4", "24gb")."""
     if card not in CARDS:
-        raise ValueError(f"Unknown card {card!r}; the presets are for {', '.join(f'{k!r} ({v})' for k, v in CARDS.items())}.")
+        cards = ", ".join(f"{k!r} ({v})" for k, v in CARDS.items())
+        raise ValueError(f"Unknown card {card!r}; the presets are for {cards}.")
     if (family, card) not in MEMORY_PRESETS:
         raise ValueError(f"Unknown family {family!r}; the families are 'sd1', 'sd2', 'sdxl'.")
     return MEMORY_PRESETS[(family, card)]

@@ -180,8 +180,8 @@ def load_pipeline(model: str | os.PathLike = DEFAULT_MODEL, device: str | torch.
     (`"sd1"`, `"sd2"`, `"sd2-base"`, `"sdxl"`: its official checkpoint), a local folder, or a hub id.
 
     SD 1.x and 2.x load as `StableDiffusionPipeline`, SDXL as `StableDiffusionXLPipeline` (the folder's
-    model_index.json decides); other pipelines are refused. device: `"auto"` (CUDA, MPS, else CPU) or any torch device. dtype: `None` = float16 on a GPU, float32 on
-    the CPU. safety_checker: keep the checkpoint's NSFW filter (a real checkpoint only). A hub id that is
+    model_index.json decides); other pipelines are refused. device: `"auto"` (CUDA, MPS, else CPU) or any torch
+    device. dtype: `None` = float16 on a GPU, float32 on the CPU. safety_checker: keep the checkpoint's NSFW filter (a real checkpoint only). A hub id that is
     neither cached nor reachable raises `ModelNotAvailableError` at once instead of retrying for minutes.
     """
     device = resolve_device(device)

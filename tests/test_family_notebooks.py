@@ -52,4 +52,5 @@ def test_notebook_executes_on_the_twin(name, model, tmp_path, monkeypatch):
     else:  # trained, saved, reloaded; the family's memory presets printed
         assert "reloaded: the same tensors, in the saved dtype: True" in printed
         assert "after undo, every key is bitwise the original: True" in printed
-        assert f"{ {'tiny-sd2': 'sd2', 'tiny-sdxl': 'sdxl'}[model] } on t4:" in printed and "not yet measured" in printed
+        family_name = {"tiny-sd2": "sd2", "tiny-sdxl": "sdxl"}[model]
+        assert f"{family_name} on t4:" in printed and "not yet measured" in printed
