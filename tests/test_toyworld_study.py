@@ -103,6 +103,8 @@ def test_the_full_protocol_writes_its_report_with_every_condition(micro_toy, tmp
                              multi_pair=dict(steps=1, learning_rate=1e-3, norm_loss_weight=0.5))
     report = run_study(micro_toy, settings, tmp_path, ablation={"enhance only": dict(lambda_sep=0.0)}, progress=False)
     text = report.read_text()
+    assert text.startswith("# Separate-and-Enhance on the toy model: a partial run (images per shape")  # tiny sizes
+    assert "some conditions only" in text.splitlines()[0]
     for name in ("base", "sepen (K)", "sepen multi-pair (K, norm loss)", "enhance only"):
         assert f"| {name} |" in text
     results = __import__("json").loads((tmp_path / "results.json").read_text())
@@ -140,3 +142,28 @@ def test_the_study_command_refuses_an_unknown_condition_before_loading_the_model
         main(["--out", "unused", "--model", "no-such-folder", "--conditions", "sepen (K), released map reading", "typo"])
     err = capsys.readouterr().err
     assert "unknown condition(s) ['typo']" in err and "sepen (K), released template" in err
+
+
+def test_only_the_committed_protocol_is_called_the_full_protocol():
+    from sae_utils.toyworld.study import protocol_title
+
+    assert protocol_title(StudySettings(), None, None) == "the full protocol"
+    quick = protocol_title(StudySettings(single_per_kind=8, pair_per_prompt=8, control_per_prompt=8,
+                                         seen_per_prompt=4), None, None)
+    assert quick == ("a partial run (images per shape / target pair / control pair / seen pair 8/8/8/4 "
+                     "(the full protocol: 32/64/32/12))")
+    assert protocol_title(StudySettings(), {}, ["sepen multi-pair (K, norm loss)"]).endswith("some conditions only)")
+    other = StudySettings()
+    other.finetune = {**other.finetune, "learning_rate": 1e-4}
+    assert "other sampling or finetuning settings" in protocol_title(other, None, None)
+
+
+def test_the_report_names_a_model_inside_the_working_directory_by_its_relative_path(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from sae_utils.toyworld.study import display_name
+
+    monkeypatch.chdir(tmp_path)
+    assert display_name(SimpleNamespace(name_or_path=str(tmp_path / "models" / "toy"))) == "models/toy"
+    assert display_name(SimpleNamespace(name_or_path="/elsewhere/toy")) == "/elsewhere/toy"
+    assert display_name(SimpleNamespace(name_or_path="toy")) == "toy"

@@ -355,20 +355,52 @@ def run_study(pipe, settings: StudySettings, out: str | Path, ablation: dict | N
             measure()
         atomic_write(saved, json.dumps(study.results, indent=1))
     minutes = minutes_before + (time.perf_counter() - start) / 60
-    study.results["protocol"] = {"command": COMMAND, "minutes": round(minutes, 1), "threads": torch.get_num_threads(),
+    threads = torch.get_num_threads()
+    study.results["protocol"] = {"command": command, "minutes": round(minutes, 1), "threads": threads,
                                  "torch": torch.__version__}
     split = study.split
-    checks = {which: len(kinds) for which, (kinds, _) in study.check_seeds().items()}
-    notes = (f"The toy model `{getattr(pipe, 'name_or_path', '')}` (pair split {split.name!r}, maps at "
+    checks = " and ".join(f"{len(kinds)} {CHECK_LABELS[which]}" for which, (kinds, _) in study.check_seeds().items())
+    notes = (f"The toy model `{display_name(pipe)}` (pair split {split.name!r}, maps at "
              f"{map_resolution(pipe)}x{map_resolution(pipe)}); evaluation seeds from {settings.seed} (never used by "
              f"finetuning). Single-pair protocol: one delta per target pair ({len(split.held_out_target)} pairs), "
-             f"{settings.pair_per_prompt} seeds each on its own pair, and each delta also on {checks} images of single "
-             f"shapes / control pairs, compared with the base on the same seeds. Multi-pair: one delta on the "
+             f"{settings.pair_per_prompt} seeds each on its own pair, and each delta also on {checks}, compared "
+             f"with the base on the same seeds (so a delta's single-shape and control change is against the base on "
+             f"those seeds, not against the base row above). Multi-pair: one delta on the "
              f"{len(split.seen)} seen pairs with the norm loss, measured like the base. "
              f"Finetuning: {settings.finetune}; multi-pair {settings.multi_pair}. `{command}` took {minutes:.0f} "
-             f"minutes of {torch.get_num_threads()} CPU threads in all.")
-    return write_report(study, out, "Separate-and-Enhance on the toy model: the full protocol", notes,
-                        compare="sepen (K)")
+             f"minutes of {threads} CPU thread{'s' if threads != 1 else ''} in all.")
+    title = f"Separate-and-Enhance on the toy model: {protocol_title(settings, ablation, multi_pair)}"
+    return write_report(study, out, title, notes, compare="sepen (K)")
+
+
+CHECK_LABELS = {"single": "images of single shapes", "control": "images of control pairs"}
+
+
+def protocol_title(settings: StudySettings, ablation: dict | None, multi_pair: Sequence[str] | None) -> str:
+    """"the full protocol" only for the committed protocol (default sizes, every condition); otherwise what was
+    left out, so a quick run is never read as the full one."""
+    full = StudySettings()
+    differences = []
+    sizes = ("single_per_kind", "pair_per_prompt", "control_per_prompt", "seen_per_prompt")
+    if any(getattr(settings, k) != getattr(full, k) for k in sizes):
+        differences.append("images per shape / target pair / control pair / seen pair "
+                           + "/".join(str(getattr(settings, k)) for k in sizes)
+                           + " (the full protocol: " + "/".join(str(getattr(full, k)) for k in sizes) + ")")
+    if (settings.sampling, settings.finetune, settings.multi_pair) != (full.sampling, full.finetune, full.multi_pair):
+        differences.append("other sampling or finetuning settings")
+    if ablation is not None or multi_pair is not None:
+        differences.append("some conditions only")
+    return "the full protocol" if not differences else "a partial run (" + "; ".join(differences) + ")"
+
+
+def display_name(pipe) -> str:
+    """The model's name as a reader can use it: a folder inside the working directory relative to it (an
+    absolute path names the machine it ran on, not the model)."""
+    name = str(getattr(pipe, "name_or_path", "") or "")
+    try:
+        return str(Path(name).resolve().relative_to(Path.cwd().resolve())) if Path(name).is_absolute() else name
+    except ValueError:
+        return name
 
 
 def main(argv=None) -> None:
