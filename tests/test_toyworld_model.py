@@ -39,6 +39,15 @@ def test_resume_refuses_another_model(tmp_path):
         ToyTrainer(tmp_path, small(unet_channels=(32, 64, 64)))
 
 
+def test_resume_refuses_other_kind_frequencies_and_a_mistyped_one_fails_before_any_training(tmp_path):
+    ToyTrainer(tmp_path, small(steps=2)).run()
+    with pytest.raises(ValueError, match="other settings.*kind_frequencies"):
+        ToyTrainer(tmp_path, small(steps=4, kind_frequencies="ring=0.25"))
+    with pytest.raises(ValueError, match="'rign' is not a kind"):
+        ToyTrainer(tmp_path / "new", small(kind_frequencies="rign=0.25"))
+    assert not (tmp_path / "new" / "checkpoint").exists()
+
+
 def test_export_is_a_standard_pipeline(tmp_path):
     trainer = ToyTrainer(tmp_path / "train", small(steps=2))
     trainer.run()

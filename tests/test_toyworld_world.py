@@ -194,3 +194,47 @@ def test_object_masks_cover_each_object_where_it_is_drawn():
     drawn = render(scene).min(axis=-1) < 128  # clearly coloured pixels
     assert ((masks.sum(0) > 0.5) == drawn).mean() > 0.97
     assert (masks[0] * masks[1]).max() == 0  # objects do not overlap
+
+
+def test_kind_frequencies_draw_rare_kinds_as_often_as_asked_alone_and_in_seen_pairs_only():
+    from sae_utils.toyworld.training_data import kind_weights, training_example
+    from sae_utils.toyworld.world import COLLIDE_SPLIT
+
+    assert kind_weights("uniform") is None
+    weights = kind_weights("ring=0.25, cross=0.25")
+    assert weights == {**dict.fromkeys(KINDS, 1.0), "ring": 0.25, "cross": 0.25}
+    rng = make_rng(0)
+    singles, pairs = Counter(), Counter()
+    for _ in range(12000):
+        scene, _ = training_example(rng, 0.5, 0.0, COLLIDE_SPLIT, weights)
+        if len(scene.kinds) == 1:
+            singles[scene.kinds[0]] += 1
+        else:
+            pairs[tuple(sorted(scene.kinds, key=KINDS.index))] += 1
+    common = np.mean([singles[k] for k in KINDS if k not in ("ring", "cross")])
+    for rare in ("ring", "cross"):  # a quarter as often (about 190 of 6,000 singles against 760)
+        assert 0.18 < singles[rare] / common < 0.33, (rare, singles[rare], common)
+    assert set(pairs) <= set(COLLIDE_SPLIT.seen)
+    # a pair by the product of its weights: (ring, cross) at 1/16, a pair with one rare kind at 1/4
+    assert 0.15 < pairs[("square", "ring")] / pairs[("square", "moon")] < 0.4
+    assert pairs[("cross", "ring")] < pairs[("square", "ring")]
+
+
+def test_uniform_kind_frequencies_leave_the_data_as_it_was():
+    """A model trained before the option existed resumes on exactly the batches it would have seen."""
+    from sae_utils.toyworld.training_data import training_batch
+
+    images, captions = training_batch(3, 7, 16, 0.72, 0.25, 0.1)
+    again, captions_again = training_batch(3, 7, 16, 0.72, 0.25, 0.1, kind_frequencies="uniform")
+    assert captions == captions_again and np.array_equal(images, again)
+    _, skewed = training_batch(3, 7, 16, 0.72, 0.25, 0.1, kind_frequencies="ring=0.25")
+    assert skewed != captions
+
+
+@pytest.mark.parametrize("spec, message", [("rign=0.25", "'rign' is not a kind"), ("ring", "no number after"),
+                                           ("ring=0", "must be above 0"), ("ring=-1", "must be above 0")])
+def test_a_mistyped_kind_frequency_says_what_to_write(spec, message):
+    from sae_utils.toyworld.training_data import kind_weights
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        kind_weights(spec)

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from ..attention import capture_cross_attention, layers_at_resolution
 from ..checkpoint import load_checkpoint, optimizer_from_tensors, optimizer_to_tensors, save_checkpoint
 from . import architecture as arch
-from .training_data import training_batch
+from .training_data import kind_weights, training_batch
 from ..tokens import token_positions
 from .world import COLORS, KINDS, object_masks, pair_split, prompt_for
 
@@ -41,6 +41,8 @@ class ToyTrainConfig:
     p_two: float = 0.1  # share of two-object scenes (seen pairs only)
     p_color: float = 0.25  # chance that an object is named with its colour
     p_uncond: float = 0.1  # empty captions, for classifier-free guidance
+    # how often each kind is drawn: "uniform" or "ring=0.25,cross=0.25" (training_data.kind_weights)
+    kind_frequencies: str = "uniform"
     # stage 1: autoencoder
     vae_steps: int = 3000
     vae_batch: int = 64
@@ -78,8 +80,8 @@ class ToyTrainConfig:
 
 
 # What a resumed run may not change (the model and its data); steps, lr, evaluation cadence may change.
-FIXED_ON_RESUME = ("seed", "split", "p_two", "p_color", "p_uncond", "vae_batch", "vae_kl_weight", "batch", "min_snr_gamma",
-                   "unet_channels", "layers_per_block", "text_layers", "init_from")
+FIXED_ON_RESUME = ("seed", "split", "p_two", "p_color", "p_uncond", "kind_frequencies", "vae_batch", "vae_kl_weight",
+                   "batch", "min_snr_gamma", "unet_channels", "layers_per_block", "text_layers", "init_from")
 
 
 def _plain(value):
@@ -113,6 +115,7 @@ class ToyTrainer:
         self.vae_step, self.step, self.seconds = 0, 0, 0.0
         self.history: list[dict] = []
         self.split = pair_split(config.split)
+        kind_weights(config.kind_frequencies)  # a mistyped spec fails now, not after the autoencoder stage
         if (self.out / "checkpoint").exists():
             self._load(self.out / "checkpoint")
         elif config.init_from:
@@ -234,7 +237,8 @@ class ToyTrainer:
         while self.step < c.steps:
             start = time.perf_counter()
             images, captions, scenes = training_batch(c.seed, self.step, c.batch, c.p_two, c.p_color, c.p_uncond,
-                                                      with_scenes=True, split=self.split)
+                                                      with_scenes=True, split=self.split,
+                                                      kind_frequencies=c.kind_frequencies)
             loss = self.diffusion_loss(images, captions, _step_generator(c.seed, 2, self.step), scenes)
             for group in self.optimizer.param_groups:
                 group["lr"] = c.lr * min(1.0, (self.step + 1) / c.warmup)

@@ -13,26 +13,63 @@ import numpy as np
 from .world import DEFAULT_SPLIT, KINDS, PairSplit, Scene, caption, make_rng, render_batch, sample_scene
 
 
+def kind_weights(spec: str) -> dict[str, float] | None:
+    """How often each kind is drawn: "uniform" (None), or "kind=weight,..." relative to 1 for the kinds not named.
+
+    "ring=0.25,cross=0.25" draws a ring or a cross a quarter as often as any other kind, alone and in pairs (a pair
+    by the product of its kinds' weights): rare words, which SD's neglected objects often are, lose the softmax to
+    frequent ones.
+    """
+    if spec == "uniform":
+        return None
+    weights = dict.fromkeys(KINDS, 1.0)
+    for item in spec.split(","):
+        kind, _, value = item.strip().partition("=")
+        if kind not in KINDS:
+            raise ValueError(f"kind_frequencies {spec!r}: {kind!r} is not a kind; the kinds are {', '.join(KINDS)} "
+                             "(write e.g. 'ring=0.25,cross=0.25', or 'uniform').")
+        try:
+            weights[kind] = float(value)
+        except ValueError:
+            raise ValueError(f"kind_frequencies {spec!r}: {item.strip()!r} has no number after '='; write "
+                             f"'{kind}=0.25'.") from None
+        if not weights[kind] > 0:
+            raise ValueError(f"kind_frequencies {spec!r}: {kind}'s weight must be above 0 (a kind never drawn "
+                             "could not be learnt); hold pairs out with the split instead.")
+    return weights
+
+
 def training_example(rng: np.random.Generator, p_two: float, p_color: float,
-                     split: PairSplit = DEFAULT_SPLIT) -> tuple[Scene, str]:
-    """One scene and its caption: a single random kind, or (with probability p_two) a seen pair, either order."""
+                     split: PairSplit = DEFAULT_SPLIT, weights: dict[str, float] | None = None) -> tuple[Scene, str]:
+    """One scene and its caption: a single random kind, or (with probability p_two) a seen pair, either order.
+
+    weights: `kind_weights`; None draws every kind and every seen pair equally often."""
     if rng.random() < p_two:
-        pair = split.seen[rng.integers(len(split.seen))]
+        if weights is None:
+            pair = split.seen[rng.integers(len(split.seen))]
+        else:
+            p = np.array([weights[a] * weights[b] for a, b in split.seen])
+            pair = split.seen[rng.choice(len(split.seen), p=p / p.sum())]
         kinds = list(pair) if rng.random() < 0.5 else list(reversed(pair))
-    else:
+    elif weights is None:
         kinds = [KINDS[rng.integers(len(KINDS))]]
+    else:
+        p = np.array([weights[k] for k in KINDS])
+        kinds = [KINDS[rng.choice(len(KINDS), p=p / p.sum())]]
     scene = sample_scene(rng, kinds)
     return scene, caption(scene, rng, p_color)
 
 
 def training_batch(seed: int, step: int, batch_size: int, p_two: float, p_color: float, p_uncond: float,
-                   size: int = 32, with_scenes: bool = False, split: PairSplit = DEFAULT_SPLIT):
+                   size: int = 32, with_scenes: bool = False, split: PairSplit = DEFAULT_SPLIT,
+                   kind_frequencies: str = "uniform"):
     """Images (B, size, size, 3) uint8 and captions; a caption is "" with probability p_uncond (for CFG).
 
-    with_scenes: also return the scenes (for the objects' masks).
+    with_scenes: also return the scenes (for the objects' masks). kind_frequencies: see `kind_weights`.
     """
     rng = make_rng(seed, step)
-    examples = [training_example(rng, p_two, p_color, split) for _ in range(batch_size)]
+    weights = kind_weights(kind_frequencies)
+    examples = [training_example(rng, p_two, p_color, split, weights) for _ in range(batch_size)]
     captions = ["" if rng.random() < p_uncond else text for _, text in examples]
     scenes = [scene for scene, _ in examples]
     images = render_batch(scenes, size)
