@@ -1,14 +1,15 @@
 """fp32 (the released code's default) against bf16 (this project's default on GPUs) on Stable Diffusion v1's
 architecture: the SepEn loss, its gradient on the keys, and sampled images.
 
-    python benchmarks/precision_check.py --out benchmarks/results/precision            # CPU: 256 px, see below
+    python benchmarks/precision_check.py --image-size 128 --out benchmarks/results/precision_cpu   # CPU, see below
     python benchmarks/precision_check.py --out benchmarks/results/precision --device cuda --size 512
 
 The weights are random (no machine here can download SD's), so the images are noise: what is measured is how far
 the low-precision computation drifts from the float32 one on the real architecture and sizes, not image quality.
 Writes precision.json (with the device) and precision.md. On a CPU without AVX512-BF16 (e.g. AVX2 only) bf16 is
-emulated and the run takes over an hour of one thread (the bf16 autoencoder decode is most of it); on a GPU,
-seconds. precision.json is written after the step's measurement as well, so a stopped run keeps it.
+emulated: with --image-size 128 the run took 22 minutes of one thread (benchmarks/results/precision_cpu); with
+256 px images it ran over an hour (the bf16 autoencoder decode is most of it); on a GPU, seconds. precision.json is
+written after the step's measurement as well, so a stopped run keeps it.
 """
 from __future__ import annotations
 
