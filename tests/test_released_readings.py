@@ -2,6 +2,7 @@
 pipeline), rebuilt here from their rules and checked against ours."""
 import copy
 import math
+import re
 
 import pytest
 import torch
@@ -168,3 +169,18 @@ def test_the_released_multi_concept_positions_mostly_miss_the_words(tokenizer):
     assert released_large_positions(tokenizer, "teddy bear", "bowl")["both_inside"]  # a two-token word shifts "dog"
     rate = released_large_hit_rate(tokenizer, samples=400)
     assert rate["multi_token_concepts"] == 53 and 0.1 < rate["both_inside"] < 0.3
+
+
+def test_readme_choices_table_has_every_released_difference_with_a_measurement():
+    """Issue 13's acceptance: each difference from the released code has our default, theirs, and a measurement."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text[text.index("## Choices this project made"):]
+    section = section[:section.index("\n## ", 1)] if "\n## " in section[1:] else section
+    rows = [line for line in section.splitlines() if re.match(r"\| \d+ \|", line)]
+    assert [int(r.split("|")[1]) for r in rows] == [1, 2, 3, 4, 5, 6]
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split(" | ")]
+        assert len(cells) >= 6 and all(cells[:6]), row[:80]
+        assert "not yet measured" not in row, f"row {cells[0]} ({cells[1]}) has no measurement yet"
