@@ -56,7 +56,6 @@ def main(argv=None) -> dict:
               "objects_in_swapped": dict(Counter(count_objects(after.images[k]) for k in swapped)),
               "objects_in_both_present": dict(Counter(count_objects(drawn.images[i])
                                                       for i in np.flatnonzero(present.all(1))))}
-    result = json.loads(json.dumps(result, default=int))  # numpy integers and keys as plain JSON
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))
     return result
