@@ -36,6 +36,11 @@ assert not wrong, f"not at the floors (installed, floor): {wrong}"
 print("floors:", ", ".join(f"{name} {v}" for name, v in got.items()))
 PY
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+# Notebook 01 without its widgets here. Measured 2026-12-02: with these floors in the kernel, papermill (nbclient)
+# gets the widget cell's reply in 4 s but then waits until its execution timeout (forever by default) after it
+# syncs the Output widget's state back; the same client with the current versions' kernel runs the cell in 3 s.
+# The widgets are tested with the current versions (tests/test_notebooks.py, and in a browser by test_browser.py).
+export SAE_NOTEBOOK_OVERRIDES='{"interactive": false}'
 python -m pytest -q -p no:cacheprovider -m "not slow" \
   tests/test_tokens.py tests/test_attention.py tests/test_losses.py tests/test_models.py \
   tests/test_finetune.py::test_optimisation_lowers_the_heldout_losses \
