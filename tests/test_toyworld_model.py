@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from sae_utils.models import load_pipeline
-from sae_utils.toyworld.train_model import ToyTrainConfig, ToyTrainer
+from sae_utils.toyworld.train_model import ToyTrainConfig, ToyTrainer, text_transformer_layers
 
 
 def small(**overrides):
@@ -39,6 +39,10 @@ def test_resume_refuses_another_model_or_other_data_and_a_mistyped_spec_fails_ea
         ToyTrainer(tmp_path, small(unet_channels=(32, 64, 64)))
     with pytest.raises(ValueError, match="other settings.*kind_frequencies"):
         ToyTrainer(tmp_path, small(steps=4, kind_frequencies="ring=0.25"))
+    with pytest.raises(ValueError, match="other settings.*word_order"):
+        ToyTrainer(tmp_path, small(steps=4, word_order="fixed"))
+    with pytest.raises(ValueError, match="word_order 'sorted': use one of"):
+        ToyTrainer(tmp_path / "new", small(word_order="sorted"))
     with pytest.raises(ValueError, match="'rign' is not a kind"):
         ToyTrainer(tmp_path / "new", small(kind_frequencies="rign=0.25"))
     assert not (tmp_path / "new" / "checkpoint").exists()
@@ -58,6 +62,22 @@ def test_export_is_a_standard_pipeline(tmp_path):
     assert "--steps 2 " in command and "--unet-channels 32,32,32" in command and "--lr " not in command
     for name, ema in zip([n for n, _ in trainer.unet.named_parameters()], trainer.ema):
         torch.testing.assert_close(pipe.unet.get_parameter(name), ema.half().float())  # the EMA weights ship
+
+
+def test_a_warm_start_into_a_deeper_text_encoder_starts_as_the_folder_and_then_trains_its_new_layers(tmp_path):
+    source = ToyTrainer(tmp_path / "source", small(steps=2))
+    source.run()
+    folder = source.export(tmp_path / "model")
+    deeper = ToyTrainer(tmp_path / "deeper", small(steps=2, text_layers=2, init_from=str(folder), word_order="fixed"))
+    pipe = load_pipeline(folder, device="cpu")
+    ids = pipe.tokenizer(["a photo of a star and a heart", ""], padding="max_length", max_length=77,
+                         return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.equal(deeper.text_encoder(ids)[0], pipe.text_encoder(ids)[0])  # the new layers pass it through
+    deeper.run()
+    assert text_transformer_layers(deeper.text_encoder)[1].mlp.fc2.weight.abs().sum() > 0  # and they learn
+    with pytest.raises(ValueError, match="has 2 transformer layers and this run asks for 0.*--text-layers 2"):
+        ToyTrainer(tmp_path / "shallower", small(init_from=str(deeper.export(tmp_path / "deeper_model"))))
 
 
 def test_attention_prior_is_zero_for_maps_on_the_objects_and_log_ratio_for_flat_maps():

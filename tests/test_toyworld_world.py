@@ -238,3 +238,20 @@ def test_a_mistyped_kind_frequency_says_what_to_write(spec, message):
 
     with pytest.raises(ValueError, match=re.escape(message)):
         kind_weights(spec)
+
+
+def test_a_fixed_word_order_names_every_pair_in_the_order_of_the_kinds_and_draws_the_same_scenes_otherwise():
+    from sae_utils.toyworld.training_data import training_batch
+
+    _, either = training_batch(3, 7, 64, 0.72, 0.0, 0.0)
+    _, fixed = training_batch(3, 7, 64, 0.72, 0.0, 0.0, word_order="fixed")
+
+    def named(text):  # the kinds in the order the caption names them
+        return sorted((k for k in KINDS if k in text), key=text.index)
+
+    assert [sorted(named(a)) for a in either] == [sorted(named(f)) for f in fixed]  # the same draws
+    pairs = [named(f) for f in fixed if len(named(f)) == 2]
+    assert len(pairs) > 30 and all(KINDS.index(a) < KINDS.index(b) for a, b in pairs)
+    assert any(KINDS.index(a) > KINDS.index(b) for a, b in (named(e) for e in either if len(named(e)) == 2))
+    with pytest.raises(ValueError, match="word_order 'sorted': use one of 'either', 'fixed'"):
+        training_batch(3, 7, 4, 0.72, 0.0, 0.0, word_order="sorted")

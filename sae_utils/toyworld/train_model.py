@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from ..attention import capture_cross_attention, layers_at_resolution
 from ..checkpoint import load_checkpoint, optimizer_from_tensors, optimizer_to_tensors, save_checkpoint
 from . import architecture as arch
-from .training_data import kind_weights, training_batch
+from .training_data import WORD_ORDERS, kind_weights, training_batch
 from ..tokens import token_positions
 from .world import COLORS, KINDS, object_masks, pair_split, prompt_for
 
@@ -43,6 +43,9 @@ class ToyTrainConfig:
     p_uncond: float = 0.1  # empty captions, for classifier-free guidance
     # how often each kind is drawn: "uniform" or "ring=0.25,cross=0.25" (training_data.kind_weights)
     kind_frequencies: str = "uniform"
+    # how a pair is named: "either" order, or "fixed" (world.KINDS order: with text_layers > 0, a causal encoder,
+    # a held-out pair then puts its second word after a first word it never followed; training_data.training_example)
+    word_order: str = "either"
     # stage 1: autoencoder
     vae_steps: int = 3000
     vae_batch: int = 64
@@ -80,8 +83,14 @@ class ToyTrainConfig:
 
 
 # What a resumed run may not change (the model and its data); steps, lr, evaluation cadence may change.
-FIXED_ON_RESUME = ("seed", "split", "p_two", "p_color", "p_uncond", "kind_frequencies", "vae_batch", "vae_kl_weight",
+FIXED_ON_RESUME = ("seed", "split", "p_two", "p_color", "p_uncond", "kind_frequencies", "word_order", "vae_batch",
+                   "vae_kl_weight",
                    "batch", "min_snr_gamma", "unet_channels", "layers_per_block", "text_layers", "init_from")
+
+
+def text_transformer_layers(text_encoder) -> torch.nn.ModuleList:
+    """The CLIP text encoder's transformer layers (transformers 5.x dropped the `text_model.` level; 5.0 has it)."""
+    return next(m for name, m in text_encoder.named_modules() if name.endswith("encoder.layers"))
 
 
 def _plain(value):
@@ -116,18 +125,40 @@ class ToyTrainer:
         self.history: list[dict] = []
         self.split = pair_split(config.split)
         kind_weights(config.kind_frequencies)  # a mistyped spec fails now, not after the autoencoder stage
+        if config.word_order not in WORD_ORDERS:
+            raise ValueError(f"word_order {config.word_order!r}: use one of {', '.join(map(repr, WORD_ORDERS))}.")
         if (self.out / "checkpoint").exists():
             self._load(self.out / "checkpoint")
         elif config.init_from:
             self._warm_start(Path(config.init_from))
 
     def _warm_start(self, folder: Path) -> None:
-        """All weights from a toy model folder (same architecture: load_state_dict refuses another one)."""
+        """All weights from a toy model folder (same architecture: load_state_dict refuses another one).
+
+        One exception: a text encoder with more transformer layers than the folder's. The folder's layers fill
+        the first ones, and each new layer starts as the identity (its attention output and its MLP's last
+        projection at zero, so both residual branches add nothing): the warm-started model draws exactly what
+        the folder's draws, and training then learns what the new layers should mix in.
+        """
         from diffusers import StableDiffusionPipeline
 
         pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32, safety_checker=None)
-        for name in ("vae", "unet", "text_encoder"):
+        for name in ("vae", "unet"):
             getattr(self, name).load_state_dict(getattr(pipe, name).state_dict())
+        have, want = pipe.text_encoder.config.num_hidden_layers, self.config.text_layers
+        if have > want:
+            raise ValueError(f"{folder}'s text encoder has {have} transformer layers and this run asks for {want} "
+                             f"(--text-layers): a warm start can add layers, not drop them; use --text-layers {have}.")
+        missing, unexpected = self.text_encoder.load_state_dict(pipe.text_encoder.state_dict(), strict=False)
+        new_layers = tuple(f"encoder.layers.{i}." for i in range(have, want))  # "text_model." or not, by version
+        wrong = [k for k in missing if not any(p in k for p in new_layers)] + list(unexpected)
+        if wrong:
+            raise ValueError(f"{folder}'s text encoder does not match this run's: {wrong[:5]}")
+        with torch.no_grad():
+            for layer in text_transformer_layers(self.text_encoder)[have:]:
+                for projection in (layer.self_attn.out_proj, layer.mlp.fc2):
+                    projection.weight.zero_()
+                    projection.bias.zero_()
         self.config.extra["scaling_factor"] = float(pipe.vae.config.scaling_factor)
         self.vae.register_to_config(scaling_factor=self.config.extra["scaling_factor"])
         self.ema = [p.detach().clone() for p in self.diffusion_params]
@@ -238,7 +269,7 @@ class ToyTrainer:
             start = time.perf_counter()
             images, captions, scenes = training_batch(c.seed, self.step, c.batch, c.p_two, c.p_color, c.p_uncond,
                                                       with_scenes=True, split=self.split,
-                                                      kind_frequencies=c.kind_frequencies)
+                                                      kind_frequencies=c.kind_frequencies, word_order=c.word_order)
             loss = self.diffusion_loss(images, captions, _step_generator(c.seed, 2, self.step), scenes)
             for group in self.optimizer.param_groups:
                 group["lr"] = c.lr * min(1.0, (self.step + 1) / c.warmup)

@@ -39,18 +39,27 @@ def kind_weights(spec: str) -> dict[str, float] | None:
     return weights
 
 
-def training_example(rng: np.random.Generator, p_two: float, p_color: float,
-                     split: PairSplit = DEFAULT_SPLIT, weights: dict[str, float] | None = None) -> tuple[Scene, str]:
-    """One scene and its caption: a single random kind, or (with probability p_two) a seen pair, either order.
+WORD_ORDERS = ("either", "fixed")
 
-    weights: `kind_weights`; None draws every kind and every seen pair equally often."""
+
+def training_example(rng: np.random.Generator, p_two: float, p_color: float,
+                     split: PairSplit = DEFAULT_SPLIT, weights: dict[str, float] | None = None,
+                     word_order: str = "either") -> tuple[Scene, str]:
+    """One scene and its caption: a single random kind, or (with probability p_two) a seen pair.
+
+    weights: `kind_weights`; None draws every kind and every seen pair equally often. word_order: "either" names a
+    pair in both orders, half the time each; "fixed" always in the order of `world.KINDS` (the order the premise
+    check and the study prompt in), so that a causal text encoder reads each second word only after the few first
+    words it followed in training, and a held-out pair puts it in a context it never saw (issue 12's fallback).
+    """
     if rng.random() < p_two:
         if weights is None:
             pair = split.seen[rng.integers(len(split.seen))]
         else:
             p = np.array([weights[a] * weights[b] for a, b in split.seen])
             pair = split.seen[rng.choice(len(split.seen), p=p / p.sum())]
-        kinds = list(pair) if rng.random() < 0.5 else list(reversed(pair))
+        flip = rng.random() >= 0.5  # drawn in both orders, so that "fixed" keeps every other draw of "either"
+        kinds = list(reversed(pair)) if flip and word_order == "either" else list(pair)
     elif weights is None:
         kinds = [KINDS[rng.integers(len(KINDS))]]
     else:
@@ -62,14 +71,17 @@ def training_example(rng: np.random.Generator, p_two: float, p_color: float,
 
 def training_batch(seed: int, step: int, batch_size: int, p_two: float, p_color: float, p_uncond: float,
                    size: int = 32, with_scenes: bool = False, split: PairSplit = DEFAULT_SPLIT,
-                   kind_frequencies: str = "uniform"):
+                   kind_frequencies: str = "uniform", word_order: str = "either"):
     """Images (B, size, size, 3) uint8 and captions; a caption is "" with probability p_uncond (for CFG).
 
-    with_scenes: also return the scenes (for the objects' masks). kind_frequencies: see `kind_weights`.
+    with_scenes: also return the scenes (for the objects' masks). kind_frequencies: see `kind_weights`;
+    word_order: see `training_example`.
     """
+    if word_order not in WORD_ORDERS:
+        raise ValueError(f"word_order {word_order!r}: use one of {', '.join(map(repr, WORD_ORDERS))}.")
     rng = make_rng(seed, step)
     weights = kind_weights(kind_frequencies)
-    examples = [training_example(rng, p_two, p_color, split, weights) for _ in range(batch_size)]
+    examples = [training_example(rng, p_two, p_color, split, weights, word_order) for _ in range(batch_size)]
     captions = ["" if rng.random() < p_uncond else text for _, text in examples]
     scenes = [scene for scene, _ in examples]
     images = render_batch(scenes, size)
