@@ -265,7 +265,9 @@ def check_premise(pipe, sets: PremiseSets | None = None, settings: PremiseSettin
     level = report["map_resolution"]
     if level not in by_level:
         raise ValueError(f"No cross-attention layer has {level}x{level} maps; this model has {sorted(by_level)}.")
-    report["attention"] = by_level[level]
+    report["attention"] = {**by_level[level],  # which word goes missing (SD's neglect tends to hit the second)
+                           "missing_word": {"first": int((one & (missing == 0)).sum()),
+                                            "second": int((one & (missing == 1)).sum())}}
     report["attention_by_resolution"] = {str(k): v for k, v in by_level.items()}
     report["verdicts"] = {name: _verdicts(p) for name, (_, p) in drawn.items()}
 
@@ -374,8 +376,11 @@ def report_table(report: dict) -> str:
             lines.append(f"| {label} | {name}{note} | {fmt(c['value'])}{interval} | {c['n']} | {c['threshold']} | "
                          f"{'yes' if c['met'] else 'no'} |")
     a = report["attention"]
-    lines += ["", f"One-missing target images: {a['one_missing']}. The missing word had the lower mass in the first "
-              f"{report['settings']['early_steps']} steps already: {fmt(a['missing_lower_mass_early_steps']['rate'])}; "
+    which = (f" (the first word missing in {a['missing_word']['first']}, the second in "
+             f"{a['missing_word']['second']})") if "missing_word" in a else ""  # reports before 2026-12-02 lack it
+    early = fmt(a['missing_lower_mass_early_steps']['rate'])
+    lines += ["", f"One-missing target images: {a['one_missing']}{which}. The missing word had the lower mass in "
+              f"the first {report['settings']['early_steps']} steps already: {early}; "
               f"the lower peak: {fmt(a['missing_lower_peak']['rate'])}.",
               f"Premise {'holds' if report['passed'] else 'does not hold'} (all four gates "
               f"{'pass' if report['passed'] else 'must pass'})."]

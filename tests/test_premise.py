@@ -134,6 +134,10 @@ def test_the_premise_runs_on_any_model_with_a_judge(tiny):
             pytest.approx(one)
     assert set(report["gates"]) == {"G1 competence", "G2 room to improve", "G3 predictive", "G4 causal"}
     assert "| **G1 competence" in report_table(report)
+    verdicts = report["verdicts"]["target"]  # "10": the second word's object is the missing one
+    assert f"(the first word missing in {verdicts.count('01')}, the second in {verdicts.count('10')})" in \
+        report_table(report)
+    assert report["attention"]["missing_word"] == {"first": verdicts.count("01"), "second": verdicts.count("10")}
     with pytest.raises(ValueError, match="which pairs to test"):
         check_premise(tiny, settings=settings, judge=judge)
     with pytest.raises(ValueError, match="detector_judge"):
