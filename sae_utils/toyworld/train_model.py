@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from ..attention import capture_cross_attention, layers_at_resolution
 from ..checkpoint import load_checkpoint, optimizer_from_tensors, optimizer_to_tensors, save_checkpoint
 from . import architecture as arch
-from .training_data import WORD_ORDERS, kind_weights, training_batch
+from .training_data import check_word_order, kind_weights, training_batch
 from ..tokens import token_positions
 from .world import COLORS, KINDS, object_masks, pair_split, prompt_for
 
@@ -84,8 +84,8 @@ class ToyTrainConfig:
 
 # What a resumed run may not change (the model and its data); steps, lr, evaluation cadence may change.
 FIXED_ON_RESUME = ("seed", "split", "p_two", "p_color", "p_uncond", "kind_frequencies", "word_order", "vae_batch",
-                   "vae_kl_weight",
-                   "batch", "min_snr_gamma", "unet_channels", "layers_per_block", "text_layers", "init_from")
+                   "vae_kl_weight", "batch", "min_snr_gamma", "unet_channels", "layers_per_block", "text_layers",
+                   "init_from")
 
 
 def text_transformer_layers(text_encoder) -> torch.nn.ModuleList:
@@ -125,8 +125,7 @@ class ToyTrainer:
         self.history: list[dict] = []
         self.split = pair_split(config.split)
         kind_weights(config.kind_frequencies)  # a mistyped spec fails now, not after the autoencoder stage
-        if config.word_order not in WORD_ORDERS:
-            raise ValueError(f"word_order {config.word_order!r}: use one of {', '.join(map(repr, WORD_ORDERS))}.")
+        check_word_order(config.word_order)
         if (self.out / "checkpoint").exists():
             self._load(self.out / "checkpoint")
         elif config.init_from:

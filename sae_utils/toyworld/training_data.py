@@ -42,6 +42,11 @@ def kind_weights(spec: str) -> dict[str, float] | None:
 WORD_ORDERS = ("either", "fixed")
 
 
+def check_word_order(word_order: str) -> None:
+    if word_order not in WORD_ORDERS:
+        raise ValueError(f"word_order {word_order!r}: use one of {', '.join(map(repr, WORD_ORDERS))}.")
+
+
 def training_example(rng: np.random.Generator, p_two: float, p_color: float,
                      split: PairSplit = DEFAULT_SPLIT, weights: dict[str, float] | None = None,
                      word_order: str = "either") -> tuple[Scene, str]:
@@ -77,8 +82,7 @@ def training_batch(seed: int, step: int, batch_size: int, p_two: float, p_color:
     with_scenes: also return the scenes (for the objects' masks). kind_frequencies: see `kind_weights`;
     word_order: see `training_example`.
     """
-    if word_order not in WORD_ORDERS:
-        raise ValueError(f"word_order {word_order!r}: use one of {', '.join(map(repr, WORD_ORDERS))}.")
+    check_word_order(word_order)
     rng = make_rng(seed, step)
     weights = kind_weights(kind_frequencies)
     examples = [training_example(rng, p_two, p_color, split, weights, word_order) for _ in range(batch_size)]
