@@ -149,12 +149,14 @@ class ToyTrainer:
             raise ValueError(f"{folder}'s text encoder has {have} transformer layers and this run asks for {want} "
                              f"(--text-layers): a warm start can add layers, not drop them; use --text-layers {have}.")
         missing, unexpected = self.text_encoder.load_state_dict(pipe.text_encoder.state_dict(), strict=False)
-        new_layers = tuple(f"encoder.layers.{i}." for i in range(have, want))  # "text_model." or not, by version
-        wrong = [k for k in missing if not any(p in k for p in new_layers)] + list(unexpected)
+        new_layers = text_transformer_layers(self.text_encoder)[have:]
+        new_tensors = {id(t) for layer in new_layers for t in layer.state_dict(keep_vars=True).values()}
+        own = self.text_encoder.state_dict(keep_vars=True)
+        wrong = [k for k in missing if id(own[k]) not in new_tensors] + list(unexpected)  # only the new layers may lack
         if wrong:
             raise ValueError(f"{folder}'s text encoder does not match this run's: {wrong[:5]}")
         with torch.no_grad():
-            for layer in text_transformer_layers(self.text_encoder)[have:]:
+            for layer in new_layers:
                 for projection in (layer.self_attn.out_proj, layer.mlp.fc2):
                     projection.weight.zero_()
                     projection.bias.zero_()
